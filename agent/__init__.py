@@ -1,0 +1,1 @@
+"""The node agent: enrollment, mTLS channel, capability allowlist, engine dispatch, metrics."""

@@ -1,0 +1,1 @@
+"""Alerting: rules, evaluator, alert state, routing, grouping, silences, inhibition."""

@@ -1,0 +1,1 @@
+"""Benchmarks against real components; each prints JSON lines on stdout."""

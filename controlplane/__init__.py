@@ -1,0 +1,1 @@
+"""The control plane: FastAPI on PostgreSQL. Tenants, identity, registry, hosting, workflows."""

@@ -1,0 +1,1 @@
+"""Server-rendered NOC and tenant dashboards."""

@@ -1,0 +1,1 @@
+"""Stateless executors run on the node: site, docker, db, fileops, security, backup."""

@@ -1,0 +1,1 @@
+"""Protobuf contracts (agent channel, command envelope, results) and their generated modules."""

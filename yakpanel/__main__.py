@@ -1,0 +1,3 @@
+from yakpanel.cli import app
+
+app(prog_name="yakpanel")

@@ -1,0 +1,132 @@
+"""Typed settings from ``YAKPANEL_*`` environment variables and an optional TOML file.
+
+A DSN left unset means "embedded": `yakpanel up` starts PostgreSQL, the Kafka-protocol
+broker and chDB itself. A DSN that is set points at an external server; both paths go
+through the same code.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_FILE_ENV = "YAKPANEL_CONFIG_FILE"
+
+# Values people paste from examples; refused as secrets outside development.
+_PLACEHOLDER_SECRETS = frozenset(
+    {"", "changeme", "change-me", "secret", "password", "admin", "example", "xxx", "todo"}
+)
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "yakpanel"
+
+
+class Settings(BaseSettings):
+    """Every setting of a YakPanel process. See the configuration table in the README."""
+
+    model_config = SettingsConfigDict(env_prefix="YAKPANEL_", extra="forbid")
+
+    env: Literal["development", "production"] = "development"
+    state_dir: Path = Field(default_factory=default_state_dir)
+
+    postgres_dsn: str | None = None
+    kafka_bootstrap: str | None = None
+    kafka_topic_prefix: str = ""
+    kafka_replication_factor: int = Field(default=1, ge=1, le=7)
+    embedded_kafka_port: int = Field(default=19092, ge=1, le=65535)
+    clickhouse_dsn: str | None = None
+    clickhouse_database: str = Field(default="yakpanel", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8080, ge=0, le=65535)
+    public_url: str | None = None
+
+    master_key: SecretStr | None = None
+
+    readiness_timeout_s: float = Field(default=2.0, gt=0, le=30)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["console", "json"] = "console"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_FILE_ENV)
+        if config_file:
+            path = Path(config_file)
+            if not path.is_file():
+                raise ValueError(f"{CONFIG_FILE_ENV}={config_file} does not name a readable file")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @field_validator("kafka_topic_prefix")
+    @classmethod
+    def _topic_prefix_grammar(cls, value: str) -> str:
+        allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+        if not set(value) <= allowed or len(value) > 100:
+            raise ValueError("kafka_topic_prefix may hold only letters, digits, '.', '_', '-'")
+        return value
+
+    @field_validator("master_key")
+    @classmethod
+    def _master_key_shape(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        raw = value.get_secret_value()
+        if raw.strip().lower() in _PLACEHOLDER_SECRETS:
+            raise ValueError("master_key is a placeholder; generate one with `yakpanel keygen`")
+        try:
+            decoded = base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError("master_key must be base64 (32 bytes); see `yakpanel keygen`") from exc
+        if len(decoded) != 32:
+            raise ValueError(f"master_key must decode to 32 bytes, got {len(decoded)}")
+        return value
+
+    @model_validator(mode="after")
+    def _production_needs_secrets(self) -> Settings:
+        if self.env == "production" and self.master_key is None:
+            raise ValueError("YAKPANEL_MASTER_KEY is required when YAKPANEL_ENV=production")
+        return self
+
+    @property
+    def embedded_postgres(self) -> bool:
+        return self.postgres_dsn is None
+
+    @property
+    def embedded_kafka(self) -> bool:
+        return self.kafka_bootstrap is None
+
+    @property
+    def embedded_clickhouse(self) -> bool:
+        return self.clickhouse_dsn is None
+
+    def external_settings_missing(self) -> list[str]:
+        """Names of the DSN settings a standalone (`serve`) process needs but lacks."""
+        missing = []
+        if self.postgres_dsn is None:
+            missing.append("YAKPANEL_POSTGRES_DSN")
+        if self.kafka_bootstrap is None:
+            missing.append("YAKPANEL_KAFKA_BOOTSTRAP")
+        if self.clickhouse_dsn is None:
+            missing.append("YAKPANEL_CLICKHOUSE_DSN")
+        return missing
