@@ -2,24 +2,56 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 
-from controlplane.api import health
+from controlplane.access.credentials import LoginThrottle
+from controlplane.api import audit, auth, health, members, plans, roles, servers, tenants, tokens
+from controlplane.bootstrap import sync_catalogue
+from controlplane.context import ControlPlane
+from controlplane.crypto import SecretBox, load_master_key
+from controlplane.db import Database
 from controlplane.problems import install_problem_handlers
 from yakpanel import __version__
 from yakpanel.readiness import ClickHouseProbe, KafkaProbe, PostgresProbe, Probe
 from yakpanel.services import Stack
 
 
+def build_control_plane(stack: Stack) -> ControlPlane:
+    return ControlPlane(
+        settings=stack.settings,
+        db=Database(stack.postgres_dsn, stack.clock),
+        clock=stack.clock,
+        secrets=SecretBox(load_master_key(stack.settings)),
+        throttle=LoginThrottle(stack.clock),
+    )
+
+
 def create_app(stack: Stack, probes: list[Probe] | None = None) -> FastAPI:
+    control_plane = build_control_plane(stack)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(sync_catalogue, stack.postgres_dsn)
+        await control_plane.db.open()
+        try:
+            yield
+        finally:
+            await control_plane.db.close()
+
     app = FastAPI(
         title="YakPanel API",
         version=__version__,
         openapi_url="/openapi.json",
         docs_url="/docs",
         redoc_url=None,
+        lifespan=lifespan,
     )
     app.state.stack = stack
+    app.state.control_plane = control_plane
     app.state.readiness_timeout_s = stack.settings.readiness_timeout_s
     app.state.probes = probes or [
         PostgresProbe(stack.postgres_dsn),
@@ -27,5 +59,16 @@ def create_app(stack: Stack, probes: list[Probe] | None = None) -> FastAPI:
         ClickHouseProbe(stack.clickhouse),
     ]
     install_problem_handlers(app)
-    app.include_router(health.router)
+    for router in (
+        health.router,
+        auth.router,
+        plans.router,
+        tenants.router,
+        members.router,
+        roles.router,
+        tokens.router,
+        servers.router,
+        audit.router,
+    ):
+        app.include_router(router)
     return app

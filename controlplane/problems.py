@@ -39,7 +39,12 @@ def problem_response(
     if instance:
         body["instance"] = instance
     body.update(ext)
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
+    headers = {}
+    if "retry_after" in ext:
+        headers["Retry-After"] = str(ext["retry_after"])
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="yakpanel"'
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
 def install_problem_handlers(app: FastAPI) -> None:

@@ -51,6 +51,7 @@ ServiceFactory = Callable[[Stack], Service]
 # Order matters: `up` starts services in this order and stops them in reverse.
 SERVICE_FACTORIES: dict[str, str] = {
     "api": "controlplane.service:build_api_service",
+    "worker": "controlplane.worker:build_worker_service",
 }
 
 

@@ -1,0 +1,1 @@
+"""Identity and access: principals, permissions, the policy point, credentials."""

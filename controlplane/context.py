@@ -1,0 +1,24 @@
+"""The control plane's composition root: everything a request handler may use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from controlplane.access.credentials import LoginThrottle
+from controlplane.crypto import SecretBox
+from controlplane.db import Database
+from yakpanel.clock import Clock
+from yakpanel.settings import Settings
+
+
+@dataclass
+class ControlPlane:
+    settings: Settings
+    db: Database
+    clock: Clock
+    secrets: SecretBox
+    throttle: LoginThrottle
+
+    @property
+    def cookie_secure(self) -> bool:
+        return self.settings.env == "production"

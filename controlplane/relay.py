@@ -1,0 +1,168 @@
+"""The outbox relay: publishes committed domain events to `yak.events.v1`.
+
+One relay is active at a time (a PostgreSQL advisory lock held on its connection), so
+events leave in outbox order and per-aggregate order holds. An event is marked
+published only after the broker acknowledged it; when the broker is away the relay
+backs off and retries, and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from psycopg.rows import dict_row
+
+from yakpanel.topics import EVENTS, ensure_topics
+
+log = logging.getLogger(__name__)
+
+RELAY_LOCK_KEY = 0x59414B52454C4159
+
+
+@dataclass
+class RelayStats:
+    published: int = 0
+    failures: int = 0
+    last_error: str | None = None
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        dsn: str,
+        bootstrap: str,
+        topic_prefix: str = "",
+        batch_size: int = 500,
+        poll_interval_s: float = 0.2,
+        max_backoff_s: float = 5.0,
+    ) -> None:
+        self.dsn = dsn
+        self.bootstrap = bootstrap
+        self.topic = EVENTS.full_name(topic_prefix)
+        self.topic_prefix = topic_prefix
+        self.batch_size = batch_size
+        self.poll_interval_s = poll_interval_s
+        self.max_backoff_s = max_backoff_s
+        self.stats = RelayStats()
+        self._producer: AIOKafkaProducer | None = None
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self.dsn, autocommit=True, row_factory=dict_row
+                ) as conn:
+                    await self._lead(conn)
+                    backoff = 0.2
+            except (OSError, psycopg.Error) as exc:
+                self._note_failure(exc)
+            except (KafkaError, TimeoutError) as exc:
+                self._note_failure(exc)
+                await self._close_producer()
+            if not self._stop.is_set():
+                await self._sleep(backoff * (1 + random.random() / 2))  # noqa: S311
+                backoff = min(backoff * 2, self.max_backoff_s)
+        await self._close_producer()
+
+    def _note_failure(self, exc: BaseException) -> None:
+        self.stats.failures += 1
+        self.stats.last_error = f"{type(exc).__name__}: {exc}"
+        log.warning("outbox relay retrying", extra={"error": self.stats.last_error})
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    async def _lead(self, conn: psycopg.AsyncConnection[dict[str, Any]]) -> None:
+        while not self._stop.is_set():
+            row = await (
+                await conn.execute("SELECT pg_try_advisory_lock(%s) AS ok", (RELAY_LOCK_KEY,))
+            ).fetchone()
+            if row and row["ok"]:
+                break
+            await self._sleep(1.0)
+        while not self._stop.is_set():
+            sent = await self.publish_batch(conn)
+            if sent < self.batch_size:
+                await self._sleep(self.poll_interval_s)
+
+    async def _ensure_producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            await ensure_topics(self.bootstrap, self.topic_prefix, (EVENTS,))
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap,
+                acks="all",
+                request_timeout_ms=5000,
+                linger_ms=2,
+            )
+            try:
+                await producer.start()
+            except BaseException:
+                await producer.stop()
+                raise
+            self._producer = producer
+        return self._producer
+
+    async def _close_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+
+    async def publish_batch(self, conn: psycopg.AsyncConnection[dict[str, Any]]) -> int:
+        rows = await (
+            await conn.execute(
+                """SELECT id, aggregate_id, event_type, tenant_id, payload FROM outbox
+                   WHERE published_at IS NULL ORDER BY id LIMIT %s""",
+                (self.batch_size,),
+            )
+        ).fetchall()
+        if not rows:
+            return 0
+        producer = await self._ensure_producer()
+        futures = []
+        for r in rows:
+            headers = [("event_type", r["event_type"].encode())]
+            if r["tenant_id"] is not None:
+                headers.append(("tenant_id", str(r["tenant_id"]).encode()))
+            futures.append(
+                await producer.send(
+                    self.topic,
+                    json.dumps(r["payload"], sort_keys=True).encode(),
+                    key=r["aggregate_id"].encode(),
+                    headers=headers,
+                )
+            )
+        acked: list[int] = []
+        error: BaseException | None = None
+        # Only the acknowledged prefix counts: whatever follows a failure is sent again,
+        # after the failed one, so per-aggregate order holds for consumers.
+        for row, future in zip(rows, futures, strict=True):
+            try:
+                await future
+            except (KafkaError, TimeoutError) as exc:
+                error = exc
+                break
+            acked.append(row["id"])
+        if acked:
+            await conn.execute(
+                "UPDATE outbox SET published_at = now() WHERE id = ANY(%s)", (acked,)
+            )
+            self.stats.published += len(acked)
+        if error is not None:
+            raise error
+        return len(rows)

@@ -1,0 +1,1 @@
+"""Tenants, plans and quotas, tenant lifecycle."""

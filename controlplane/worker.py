@@ -1,0 +1,75 @@
+"""The control-plane worker: the outbox relay and periodic housekeeping.
+
+Housekeeping is idempotent, so running several workers is safe; the relay elects one
+active instance through an advisory lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import timedelta
+
+from controlplane.db import Database
+from controlplane.relay import OutboxRelay
+from controlplane.tenancy.service import delete_due_tenants
+from yakpanel.services import Service, Stack
+
+log = logging.getLogger(__name__)
+
+
+class ControlPlaneWorker:
+    name = "worker"
+
+    def __init__(self, stack: Stack, housekeeping_interval_s: float = 30.0) -> None:
+        self.stack = stack
+        self.relay = OutboxRelay(stack.postgres_dsn, stack.kafka_bootstrap, stack.topic_prefix)
+        self.db = Database(stack.postgres_dsn, stack.clock, min_size=1, max_size=2)
+        self.housekeeping_interval_s = housekeeping_interval_s
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.db.open()
+        self._tasks = [
+            asyncio.create_task(self.relay.run(), name="outbox-relay"),
+            asyncio.create_task(self._housekeeping(), name="housekeeping"),
+        ]
+
+    async def _housekeeping(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("housekeeping failed; retrying next round")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.housekeeping_interval_s)
+
+    async def sweep(self) -> None:
+        for tenant_id in await delete_due_tenants(self.db):
+            log.info("tenant deleted after its grace period", extra={"tenant_id": str(tenant_id)})
+        now = self.stack.clock.now()
+        async with self.db.connection() as conn:
+            await conn.execute(
+                "DELETE FROM api_request_counts WHERE minute < %s", (now - timedelta(minutes=10),)
+            )
+            await conn.execute(
+                "DELETE FROM login_sessions WHERE expires_at < %s", (now - timedelta(days=1),)
+            )
+
+    async def stop(self) -> None:
+        self._stop.set()
+        self.relay.stop()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        await self.db.close()
+
+    def endpoints(self) -> dict[str, str]:
+        return {}
+
+
+def build_worker_service(stack: Stack) -> Service:
+    return ControlPlaneWorker(stack)
