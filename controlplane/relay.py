@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from psycopg.rows import dict_row
 
@@ -32,6 +32,7 @@ RELAY_LOCK_KEY = 0x59414B52454C4159
 class RelayStats:
     published: int = 0
     failures: int = 0
+    lost_acks: int = 0
     last_error: str | None = None
 
 
@@ -54,6 +55,7 @@ class OutboxRelay:
         self.max_backoff_s = max_backoff_s
         self.stats = RelayStats()
         self._producer: AIOKafkaProducer | None = None
+        self._offsets: AIOKafkaConsumer | None = None
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
@@ -81,7 +83,7 @@ class OutboxRelay:
     def _note_failure(self, exc: BaseException) -> None:
         self.stats.failures += 1
         self.stats.last_error = f"{type(exc).__name__}: {exc}"
-        log.warning("outbox relay retrying", extra={"error": self.stats.last_error})
+        log.warning("outbox relay retrying: %s", self.stats.last_error)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -119,9 +121,35 @@ class OutboxRelay:
 
     async def _close_producer(self) -> None:
         producer, self._producer = self._producer, None
-        if producer is not None:
-            with contextlib.suppress(Exception):
-                await producer.stop()
+        probe, self._offsets = self._offsets, None
+        for client in (producer, probe):
+            if client is not None:
+                with contextlib.suppress(KafkaError, OSError, TimeoutError):
+                    await client.stop()
+
+    async def _durable(self, metadata: list[Any]) -> bool:
+        """True when each partition written to holds the round's first acknowledged record.
+
+        (The embedded broker reports a high watermark of the last batch's base offset + 1,
+        so the round's first offset, not its last, is what can be checked.)"""
+        if self._offsets is None:
+            self._offsets = AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap, request_timeout_ms=5000
+            )
+            await self._offsets.start()
+        first: dict[TopicPartition, int] = {}
+        for md in metadata:
+            tp = TopicPartition(md.topic, md.partition)
+            first[tp] = min(first.get(tp, md.offset), md.offset)
+        try:
+            # A topic the broker lost is absent from fresh metadata even though its
+            # produce requests were acknowledged; one recreated since is empty.
+            if not {tp.topic for tp in first} <= set(await self._offsets.topics()):
+                return False
+            ends = await self._offsets.end_offsets(list(first))
+        except KafkaError:
+            return False
+        return all(ends.get(tp, 0) > offset for tp, offset in first.items())
 
     async def publish_batch(self, conn: psycopg.AsyncConnection[dict[str, Any]]) -> int:
         rows = await (
@@ -148,16 +176,23 @@ class OutboxRelay:
                 )
             )
         acked: list[int] = []
+        metadata: list[Any] = []
         error: BaseException | None = None
         # Only the acknowledged prefix counts: whatever follows a failure is sent again,
         # after the failed one, so per-aggregate order holds for consumers.
         for row, future in zip(rows, futures, strict=True):
             try:
-                await future
+                metadata.append(await future)
             except (KafkaError, TimeoutError) as exc:
                 error = exc
                 break
             acked.append(row["id"])
+        if acked and not await self._durable(metadata):
+            # A broker that restarted empty acknowledges writes to topics it no longer
+            # has (the embedded broker does); such acks are worthless: send again.
+            self.stats.lost_acks += len(acked)
+            await self._close_producer()
+            raise KafkaError("the broker acknowledged events it does not hold; resending")
         if acked:
             await conn.execute(
                 "UPDATE outbox SET published_at = now() WHERE id = ANY(%s)", (acked,)
