@@ -93,9 +93,9 @@ async def update_role(
 ) -> m.RoleOut:
     async with db.unit_of_work(access.actor(), access.tenant_id) as uow:
         await authorize(uow, access, "roles:write", Resource("role", role_id))
-        row = await _load_role(uow, role_id, lock=True)
-        if row["tenant_id"] is None:
+        if (await _load_role(uow, role_id))["tenant_id"] is None:
             raise Problem(409, "built_in_role", "built-in roles cannot be changed")
+        row = await _load_role(uow, role_id, lock=True)
         before = _role(row)
         permissions = body.permissions if body.permissions is not None else row["permissions"]
         grantable(access, set(permissions))
@@ -122,9 +122,9 @@ async def update_role(
 async def delete_role(db: Database, access: TenantAccess, role_id: uuid.UUID) -> None:
     async with db.unit_of_work(access.actor(), access.tenant_id) as uow:
         await authorize(uow, access, "roles:write", Resource("role", role_id))
-        row = await _load_role(uow, role_id, lock=True)
-        if row["tenant_id"] is None:
+        if (await _load_role(uow, role_id))["tenant_id"] is None:
             raise Problem(409, "built_in_role", "built-in roles cannot be deleted")
+        row = await _load_role(uow, role_id, lock=True)
         used = await (
             await uow.conn.execute(
                 "SELECT count(*) AS n FROM memberships WHERE role_id = %s", (role_id,)
