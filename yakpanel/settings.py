@@ -56,6 +56,8 @@ class Settings(BaseSettings):
 
     master_key: SecretStr | None = None
 
+    worker_heartbeat_file: Path | None = None
+
     readiness_timeout_s: float = Field(default=2.0, gt=0, le=30)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["console", "json"] = "console"
