@@ -9,11 +9,24 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from controlplane.access.credentials import LoginThrottle
-from controlplane.api import audit, auth, health, members, plans, roles, servers, tenants, tokens
+from controlplane.api import (
+    agents,
+    audit,
+    auth,
+    health,
+    internal,
+    members,
+    plans,
+    roles,
+    servers,
+    tenants,
+    tokens,
+)
 from controlplane.bootstrap import sync_catalogue
 from controlplane.context import ControlPlane
-from controlplane.crypto import SecretBox, load_master_key
+from controlplane.crypto import SecretBox, load_internal_token, load_master_key
 from controlplane.db import Database
+from controlplane.keys import load_platform_keys
 from controlplane.problems import install_problem_handlers
 from yakpanel import __version__
 from yakpanel.readiness import ClickHouseProbe, KafkaProbe, PostgresProbe, Probe
@@ -27,6 +40,7 @@ def build_control_plane(stack: Stack) -> ControlPlane:
         clock=stack.clock,
         secrets=SecretBox(load_master_key(stack.settings)),
         throttle=LoginThrottle(stack.clock),
+        internal_token=load_internal_token(stack.settings),
     )
 
 
@@ -36,6 +50,9 @@ def create_app(stack: Stack, probes: list[Probe] | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(sync_catalogue, stack.postgres_dsn)
+        control_plane.keys = await asyncio.to_thread(
+            load_platform_keys, stack.postgres_dsn, control_plane.secrets
+        )
         await control_plane.db.open()
         try:
             yield
@@ -68,7 +85,9 @@ def create_app(stack: Stack, probes: list[Probe] | None = None) -> FastAPI:
         roles.router,
         tokens.router,
         servers.router,
+        agents.router,
         audit.router,
+        internal.router,
     ):
         app.include_router(router)
     return app

@@ -122,6 +122,33 @@ class UnitOfWork:
         )
         return event_id
 
+    async def publish(
+        self,
+        topic: str,
+        key: str,
+        body: bytes,
+        event_type: str,
+        aggregate_type: str,
+        aggregate_id: object,
+    ) -> None:
+        """Record a non-event message (e.g. a command envelope) for the relay to publish."""
+        await self.conn.execute(
+            """INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id,
+                   event_type, topic, message_key, body, occurred_at)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)""",
+            (
+                new_id(),
+                self.tenant_id,
+                aggregate_type,
+                str(aggregate_id),
+                event_type,
+                topic,
+                key,
+                body,
+                self.clock.now(),
+            ),
+        )
+
     async def record(
         self,
         action: str,

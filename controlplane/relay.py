@@ -21,11 +21,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from psycopg.rows import dict_row
 
-from yakpanel.topics import EVENTS, ensure_topics
+from yakpanel.topics import COMMANDS, EVENTS, ensure_topics
 
 log = logging.getLogger(__name__)
 
 RELAY_LOCK_KEY = 0x59414B52454C4159
+RELAYED_TOPICS = (EVENTS, COMMANDS)
 
 
 @dataclass
@@ -48,7 +49,6 @@ class OutboxRelay:
     ) -> None:
         self.dsn = dsn
         self.bootstrap = bootstrap
-        self.topic = EVENTS.full_name(topic_prefix)
         self.topic_prefix = topic_prefix
         self.batch_size = batch_size
         self.poll_interval_s = poll_interval_s
@@ -104,7 +104,7 @@ class OutboxRelay:
 
     async def _ensure_producer(self) -> AIOKafkaProducer:
         if self._producer is None:
-            await ensure_topics(self.bootstrap, self.topic_prefix, (EVENTS,))
+            await ensure_topics(self.bootstrap, self.topic_prefix, RELAYED_TOPICS)
             producer = AIOKafkaProducer(
                 bootstrap_servers=self.bootstrap,
                 acks="all",
@@ -154,8 +154,8 @@ class OutboxRelay:
     async def publish_batch(self, conn: psycopg.AsyncConnection[dict[str, Any]]) -> int:
         rows = await (
             await conn.execute(
-                """SELECT id, aggregate_id, event_type, tenant_id, payload FROM outbox
-                   WHERE published_at IS NULL ORDER BY id LIMIT %s""",
+                """SELECT id, topic, message_key, aggregate_id, event_type, tenant_id, payload,
+                       body FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT %s""",
                 (self.batch_size,),
             )
         ).fetchall()
@@ -167,12 +167,15 @@ class OutboxRelay:
             headers = [("event_type", r["event_type"].encode())]
             if r["tenant_id"] is not None:
                 headers.append(("tenant_id", str(r["tenant_id"]).encode()))
+            value = (
+                bytes(r["body"])
+                if r["body"] is not None
+                else json.dumps(r["payload"], sort_keys=True).encode()
+            )
+            key = r["message_key"] or r["aggregate_id"]
             futures.append(
                 await producer.send(
-                    self.topic,
-                    json.dumps(r["payload"], sort_keys=True).encode(),
-                    key=r["aggregate_id"].encode(),
-                    headers=headers,
+                    f"{self.topic_prefix}{r['topic']}", value, key=key.encode(), headers=headers
                 )
             )
         acked: list[int] = []

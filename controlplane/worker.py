@@ -11,10 +11,15 @@ import contextlib
 import logging
 from datetime import timedelta
 
+from controlplane.consumers import TopicConsumer
 from controlplane.db import Database
+from controlplane.registry.commands import apply_result, expire_overdue
+from controlplane.registry.presence import apply_presence
 from controlplane.relay import OutboxRelay
 from controlplane.tenancy.service import delete_due_tenants
+from proto import agent_pb2
 from yakpanel.services import Service, Stack
+from yakpanel.topics import COMMAND_RESULTS, PRESENCE
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +27,25 @@ log = logging.getLogger(__name__)
 class ControlPlaneWorker:
     name = "worker"
 
-    def __init__(self, stack: Stack, housekeeping_interval_s: float = 30.0) -> None:
+    def __init__(self, stack: Stack, housekeeping_interval_s: float = 5.0) -> None:
         self.stack = stack
         self.relay = OutboxRelay(stack.postgres_dsn, stack.kafka_bootstrap, stack.topic_prefix)
         self.db = Database(stack.postgres_dsn, stack.clock, min_size=1, max_size=2)
         self.housekeeping_interval_s = housekeeping_interval_s
+        self.presence = TopicConsumer(
+            stack.kafka_bootstrap,
+            PRESENCE,
+            stack.topic_prefix,
+            "controlplane-presence",
+            self._on_presence,
+        )
+        self.results = TopicConsumer(
+            stack.kafka_bootstrap,
+            COMMAND_RESULTS,
+            stack.topic_prefix,
+            "controlplane-command-results",
+            self._on_result,
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
 
@@ -35,7 +54,15 @@ class ControlPlaneWorker:
         self._tasks = [
             asyncio.create_task(self.relay.run(), name="outbox-relay"),
             asyncio.create_task(self._housekeeping(), name="housekeeping"),
+            asyncio.create_task(self.presence.run(), name="presence-consumer"),
+            asyncio.create_task(self.results.run(), name="results-consumer"),
         ]
+
+    async def _on_presence(self, value: bytes) -> None:
+        await apply_presence(self.db, agent_pb2.PresenceEvent.FromString(value))
+
+    async def _on_result(self, value: bytes) -> None:
+        await apply_result(self.db, agent_pb2.CommandResult.FromString(value))
 
     async def _housekeeping(self) -> None:
         while not self._stop.is_set():
@@ -60,6 +87,7 @@ class ControlPlaneWorker:
         for tenant_id in await delete_due_tenants(self.db):
             log.info("tenant deleted after its grace period", extra={"tenant_id": str(tenant_id)})
         now = self.stack.clock.now()
+        await expire_overdue(self.db, now)
         async with self.db.connection() as conn:
             await conn.execute(
                 "DELETE FROM api_request_counts WHERE minute < %s", (now - timedelta(minutes=10),)
@@ -71,6 +99,8 @@ class ControlPlaneWorker:
     async def stop(self) -> None:
         self._stop.set()
         self.relay.stop()
+        self.presence.stop()
+        self.results.stop()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -52,6 +52,7 @@ ServiceFactory = Callable[[Stack], Service]
 SERVICE_FACTORIES: dict[str, str] = {
     "api": "controlplane.service:build_api_service",
     "worker": "controlplane.worker:build_worker_service",
+    "gateway": "ingest.gateway.service:build_gateway_service",
 }
 
 

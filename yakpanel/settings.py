@@ -55,6 +55,18 @@ class Settings(BaseSettings):
     public_url: str | None = None
 
     master_key: SecretStr | None = None
+    internal_token: SecretStr | None = None
+
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(default=7443, ge=0, le=65535)
+    gateway_hostnames: list[str] = Field(default_factory=lambda: ["localhost", "127.0.0.1"])
+    gateway_public_address: str | None = None
+    gateway_id: str | None = None
+    controlplane_url: str | None = None
+    heartbeat_interval_ms: int = Field(default=5000, ge=100, le=600_000)
+    presence_refresh_s: float = Field(default=15.0, gt=0, le=3600)
+    gateway_queue_per_agent: int = Field(default=1000, ge=1, le=100_000)
+    gateway_max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
 
     worker_heartbeat_file: Path | None = None
 
@@ -88,6 +100,15 @@ class Settings(BaseSettings):
             raise ValueError("kafka_topic_prefix may hold only letters, digits, '.', '_', '-'")
         return value
 
+    @field_validator("internal_token")
+    @classmethod
+    def _internal_token_shape(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            raw = value.get_secret_value()
+            if raw.strip().lower() in _PLACEHOLDER_SECRETS or len(raw) < 32:
+                raise ValueError("internal_token must be at least 32 random characters")
+        return value
+
     @field_validator("master_key")
     @classmethod
     def _master_key_shape(cls, value: SecretStr | None) -> SecretStr | None:
@@ -108,7 +129,18 @@ class Settings(BaseSettings):
     def _production_needs_secrets(self) -> Settings:
         if self.env == "production" and self.master_key is None:
             raise ValueError("YAKPANEL_MASTER_KEY is required when YAKPANEL_ENV=production")
+        if self.env == "production" and self.internal_token is None:
+            raise ValueError("YAKPANEL_INTERNAL_TOKEN is required when YAKPANEL_ENV=production")
         return self
+
+    @property
+    def controlplane_base_url(self) -> str:
+        host = "127.0.0.1" if self.api_host in ("0.0.0.0", "::") else self.api_host  # noqa: S104
+        return self.controlplane_url or f"http://{host}:{self.api_port}"
+
+    @property
+    def gateway_address(self) -> str:
+        return self.gateway_public_address or f"{self.gateway_host}:{self.gateway_port}"
 
     @property
     def embedded_postgres(self) -> bool:

@@ -19,7 +19,9 @@ TENANT_PERMISSIONS: dict[str, str] = {
     "billing:read": "see plan and billing state",
     "billing:write": "change plan, schedule or cancel deletion",
     "servers:read": "list servers and their state",
-    "servers:write": "create, change and remove servers",
+    "servers:write": "create, change and remove servers, enroll agents, revoke certificates",
+    "commands:read": "see commands run on servers and their results",
+    "commands:write": "run commands on servers",
     "metrics:read": "query metrics",
     "alerts:read": "see alert rules, alerts and incidents",
     "alerts:write": "manage alert rules, silences and incidents",
@@ -46,7 +48,7 @@ BUILTIN_ROLES: dict[str, tuple[str, frozenset[str]]] = {
     "operator": (
         "runs servers, sites and alerts; cannot manage people",
         READ_ONLY - {"audit:read"}
-        | {"servers:write", "sites:write", "alerts:write", "tokens:write"},
+        | {"servers:write", "commands:write", "sites:write", "alerts:write", "tokens:write"},
     ),
     "viewer": ("reads everything but the audit log", READ_ONLY - {"audit:read"}),
     "billing": (

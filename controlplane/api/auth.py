@@ -25,7 +25,7 @@ from controlplane.api.models import (
 router = APIRouter(prefix="/v1", tags=["auth"])
 
 
-@router.post("/auth/login", responses=problems(401, 422, 429))
+@router.post("/auth/login", responses=problems(400, 401, 422, 429))
 async def login(
     body: LoginBody, request: Request, response: Response, cp: ControlPlaneDep
 ) -> LoginOut:

@@ -9,6 +9,7 @@ from fastapi import Query
 from pydantic import BaseModel, Field
 
 from controlplane.api.models import decode_cursor
+from controlplane.problems import PROBLEM_JSON
 
 
 class ProblemBody(BaseModel):
@@ -19,6 +20,11 @@ class ProblemBody(BaseModel):
     code: str | None = None
     instance: str | None = None
     model_config = {"extra": "allow"}
+
+
+# Inline, under the media type problems are sent with (a `model` would document them
+# as `application/json`, leaving the real `application/problem+json` without a schema).
+_PROBLEM_SCHEMA = ProblemBody.model_json_schema()
 
 
 def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -33,9 +39,8 @@ def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
     }
     return {
         s: {
-            "model": ProblemBody,
             "description": described[s],
-            "content": {"application/problem+json": {}},
+            "content": {PROBLEM_JSON: {"schema": _PROBLEM_SCHEMA}},
         }
         for s in statuses
     }

@@ -32,8 +32,26 @@ LabelValue = Annotated[str, StringConstraints(max_length=200)]
 Permission = Annotated[str, StringConstraints(pattern=r"^[a-z]+:[a-z]+$")]
 
 
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        # PostgreSQL text and jsonb cannot hold NUL: refuse it here (422), not in SQL (500).
+        if _has_nul(value):
+            raise ValueError("text must not contain NUL (U+0000) characters")
+        return value
 
 
 class Page(BaseModel, Generic[T]):
@@ -283,8 +301,111 @@ class ServerOut(BaseModel):
     name: str
     region: str
     labels: dict[str, str]
+    presence: Literal["never_connected", "online", "offline"]
+    presence_changed_at: datetime | None
+    last_seen_at: datetime | None
+    hostname: str | None
+    agent_version: str | None
     created_at: datetime
     updated_at: datetime
+
+
+# --- agents, certificates, commands ---------------------------------------------------
+
+
+class EnrollmentTokenCreate(Strict):
+    ttl_minutes: int = Field(default=60, ge=5, le=7 * 24 * 60)
+
+
+class EnrollmentTokenCreated(BaseModel):
+    token: str = Field(description="one-time; shown once")
+    expires_at: datetime
+    gateway: str
+    ca_certificate_pem: str
+    command: str = Field(description="what to run on the node")
+
+
+class CertificateOut(BaseModel):
+    serial: str
+    fingerprint: str
+    not_after: datetime
+    issued_at: datetime
+    revoked_at: datetime | None
+    revoked_reason: str | None
+
+
+class RevokeBody(Strict):
+    reason: Name
+
+
+CommandType = Annotated[
+    str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,30}\.[a-z][a-z0-9_]{0,62}$")
+]
+IdempotencyKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
+CommandState = Literal["pending", "dispatched", "acknowledged", "succeeded", "failed", "expired"]
+
+
+class CommandCreate(Strict):
+    type: CommandType
+    payload: dict[str, Any] = Field(default_factory=dict)
+    idempotency_key: IdempotencyKey | None = Field(
+        default=None, description="the same key returns the same command instead of a new one"
+    )
+    timeout_s: int = Field(default=300, ge=1, le=86_400)
+
+
+class CommandOut(BaseModel):
+    id: uuid.UUID
+    server_id: uuid.UUID
+    idempotency_key: str
+    type: str
+    payload: dict[str, Any] = Field(description="secrets appear only in sealed form")
+    state: CommandState
+    issued_at: datetime
+    deadline: datetime
+    dispatched_at: datetime | None
+    acknowledged_at: datetime | None
+    finished_at: datetime | None
+    progress: int
+    message: str
+    output: Any | None
+    error_code: str | None
+
+
+# --- internal (gateway ↔ control plane) -----------------------------------------------
+
+
+class InternalEnroll(Strict):
+    token: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    csr_pem: Annotated[str, StringConstraints(max_length=16_384)]
+    hostname: Annotated[str, StringConstraints(max_length=253)] = ""
+    agent_version: Annotated[str, StringConstraints(max_length=64)] = ""
+
+
+class InternalEnrolled(BaseModel):
+    certificate_pem: str
+    ca_chain_pem: str
+    command_signing_public_key: str = Field(description="base64, raw ed25519")
+    tenant_id: uuid.UUID
+    server_id: uuid.UUID
+
+
+class InternalCertificateStatus(BaseModel):
+    status: Literal["valid", "revoked", "expired", "unknown"]
+    tenant_id: uuid.UUID | None = None
+    server_id: uuid.UUID | None = None
+
+
+class InternalGatewayCertificate(Strict):
+    public_key_pem: Annotated[str, StringConstraints(max_length=4096)]
+    hostnames: list[Annotated[str, StringConstraints(max_length=253)]] = Field(
+        min_length=1, max_length=20
+    )
+
+
+class InternalGatewayCertificateOut(BaseModel):
+    certificate_pem: str
+    ca_chain_pem: str
 
 
 # --- auth -----------------------------------------------------------------------------

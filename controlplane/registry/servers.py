@@ -22,6 +22,11 @@ def _server(row: dict[str, Any]) -> m.ServerOut:
         name=row["name"],
         region=row["region"],
         labels=row["labels"],
+        presence=row["presence"],
+        presence_changed_at=row["presence_changed_at"],
+        last_seen_at=row["last_seen_at"],
+        hostname=row["hostname"],
+        agent_version=row["agent_version"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
     )
@@ -120,6 +125,12 @@ async def delete_server(db: Database, access: TenantAccess, server_id: uuid.UUID
     async with db.unit_of_work(access.actor(), access.tenant_id) as uow:
         await authorize(uow, access, "servers:write", Resource("server", server_id))
         before = _server(await _load(uow, server_id, lock=True))
+        # The agent's certificates stop working with the server they were issued for.
+        await uow.conn.execute(
+            "UPDATE agent_certificates SET revoked_at = %s, revoked_reason = 'server deleted'"
+            " WHERE server_id = %s AND revoked_at IS NULL",
+            (uow.clock.now(), server_id),
+        )
         await uow.conn.execute("DELETE FROM servers WHERE id = %s", (server_id,))
         await uow.record(
             "server.deleted", "server", server_id, before.model_dump(mode="json"), None

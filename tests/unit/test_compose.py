@@ -297,6 +297,7 @@ def test_yakpanel_environment_is_valid_production_settings(
 ) -> None:
     sample = {name: "x" for name, _ in _references(_compose_text())}
     sample["YAKPANEL_MASTER_KEY"] = base64.b64encode(bytes(range(32))).decode()
+    sample["YAKPANEL_INTERNAL_TOKEN"] = "0123456789abcdef" * 4
     sample["CLICKHOUSE_DB"] = "yakpanel"
 
     def substitute(value: str) -> str:

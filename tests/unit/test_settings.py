@@ -65,7 +65,15 @@ def test_unknown_setting_in_file_is_refused(
 def test_production_requires_master_key() -> None:
     with pytest.raises(ValidationError, match="YAKPANEL_MASTER_KEY is required"):
         Settings(env="production")
-    assert Settings(env="production", master_key=GOOD_KEY).master_key is not None
+    with pytest.raises(ValidationError, match="YAKPANEL_INTERNAL_TOKEN is required"):
+        Settings(env="production", master_key=GOOD_KEY)
+    s = Settings(env="production", master_key=GOOD_KEY, internal_token="x" * 40)
+    assert s.master_key is not None
+
+
+def test_internal_token_must_be_long_and_not_a_placeholder() -> None:
+    with pytest.raises(ValidationError, match="at least 32"):
+        Settings(internal_token="short")
 
 
 @pytest.mark.parametrize("value", ["changeme", "secret", "", "  password "])

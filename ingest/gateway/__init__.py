@@ -1,0 +1,1 @@
+"""The gateway: agents' gRPC endpoint (enrollment, the Connect stream, OTLP metrics)."""
