@@ -31,6 +31,7 @@ from ingest.gateway.controlplane import ControlPlaneClient, ControlPlaneRefused
 from ingest.gateway.sessions import QueueFull, Session, SessionTable, new_session_id
 from proto import agent_pb2, agent_pb2_grpc
 from yakpanel.pki import IdentityError, identity_of, load_certificate, new_private_key, serial_hex
+from yakpanel.service_secrets import load_internal_token
 from yakpanel.services import Service, Stack
 from yakpanel.topics import COMMAND_RESULTS, COMMANDS, PRESENCE, ensure_topics
 
@@ -117,8 +118,6 @@ class GatewayService:
     name = "gateway"
 
     def __init__(self, stack: Stack, controlplane: ControlPlaneClient | None = None) -> None:
-        from controlplane.crypto import load_internal_token
-
         s = stack.settings
         self.stack = stack
         self.gateway_id = s.gateway_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
