@@ -25,35 +25,35 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61gent.proto\x12\x11yakpanel.agent.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"X\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\x0c\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x15\n\ragent_version\x18\x04 \x01(\t\"\x89\x01\n\x0e\x45nrollResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x14\n\x0c\x63\x61_chain_pem\x18\x02 \x01(\x0c\x12\"\n\x1a\x63ommand_signing_public_key\x18\x03 \x01(\x0c\x12\x11\n\ttenant_id\x18\x04 \x01(\t\x12\x11\n\tserver_id\x18\x05 \x01(\t\"\xf3\x01\n\x0f\x43ommandEnvelope\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x11\n\tserver_id\x18\x04 \x01(\t\x12\x0c\n\x04type\x18\x05 \x01(\t\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\x12-\n\tissued_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tsignature\x18\t \x01(\x0c\"\xb0\x02\n\rCommandResult\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x11\n\tserver_id\x18\x04 \x01(\t\x12/\n\x06status\x18\x05 \x01(\x0e\x32\x1f.yakpanel.agent.v1.ResultStatus\x12\x18\n\x10progress_percent\x18\x06 \x01(\r\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x0e\n\x06output\x18\x08 \x01(\x0c\x12\x12\n\nerror_code\x18\t \x01(\t\x12&\n\x02\x61t\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08replayed\x18\x0b \x01(\x08\x12\x12\n\nsession_id\x18\x0c \x01(\t\"F\n\x05Hello\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x03 \x03(\t\"<\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\"E\n\tHeartbeat\x12+\n\x07sent_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"\xa8\x01\n\x0c\x41gentMessage\x12)\n\x05hello\x18\x01 \x01(\x0b\x32\x18.yakpanel.agent.v1.HelloH\x00\x12\x31\n\theartbeat\x18\x02 \x01(\x0b\x32\x1c.yakpanel.agent.v1.HeartbeatH\x00\x12\x32\n\x06result\x18\x03 \x01(\x0b\x32 .yakpanel.agent.v1.CommandResultH\x00\x42\x06\n\x04kind\"\xb1\x01\n\x0eGatewayMessage\x12-\n\x07welcome\x18\x01 \x01(\x0b\x32\x1a.yakpanel.agent.v1.WelcomeH\x00\x12\x31\n\theartbeat\x18\x02 \x01(\x0b\x32\x1c.yakpanel.agent.v1.HeartbeatH\x00\x12\x35\n\x07\x63ommand\x18\x03 \x01(\x0b\x32\".yakpanel.agent.v1.CommandEnvelopeH\x00\x42\x06\n\x04kind\"\xa5\x01\n\rPresenceEvent\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tserver_id\x18\x02 \x01(\t\x12\x0e\n\x06online\x18\x03 \x01(\x08\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x12\n\ngateway_id\x18\x05 \x01(\t\x12&\n\x02\x61t\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x07 \x01(\t*\x86\x01\n\x0cResultStatus\x12\x1d\n\x19RESULT_STATUS_UNSPECIFIED\x10\x00\x12\x0e\n\nDISPATCHED\x10\x01\x12\x10\n\x0c\x41\x43KNOWLEDGED\x10\x02\x12\x0c\n\x08PROGRESS\x10\x03\x12\r\n\tSUCCEEDED\x10\x04\x12\n\n\x06\x46\x41ILED\x10\x05\x12\x0c\n\x08REJECTED\x10\x06\x32\xb0\x01\n\x0c\x41gentService\x12M\n\x06\x45nroll\x12 .yakpanel.agent.v1.EnrollRequest\x1a!.yakpanel.agent.v1.EnrollResponse\x12Q\n\x07\x43onnect\x12\x1f.yakpanel.agent.v1.AgentMessage\x1a!.yakpanel.agent.v1.GatewayMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61gent.proto\x12\x11yakpanel.agent.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"X\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\x0c\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x15\n\ragent_version\x18\x04 \x01(\t\"\xa2\x01\n\x0e\x45nrollResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x14\n\x0c\x63\x61_chain_pem\x18\x02 \x01(\x0c\x12\"\n\x1a\x63ommand_signing_public_key\x18\x03 \x01(\x0c\x12\x11\n\ttenant_id\x18\x04 \x01(\t\x12\x11\n\tserver_id\x18\x05 \x01(\t\x12\x17\n\x0f\x63onnect_address\x18\x06 \x01(\t\"\xf3\x01\n\x0f\x43ommandEnvelope\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x11\n\tserver_id\x18\x04 \x01(\t\x12\x0c\n\x04type\x18\x05 \x01(\t\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\x12-\n\tissued_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tsignature\x18\t \x01(\x0c\"\xb0\x02\n\rCommandResult\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x11\n\tserver_id\x18\x04 \x01(\t\x12/\n\x06status\x18\x05 \x01(\x0e\x32\x1f.yakpanel.agent.v1.ResultStatus\x12\x18\n\x10progress_percent\x18\x06 \x01(\r\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x0e\n\x06output\x18\x08 \x01(\x0c\x12\x12\n\nerror_code\x18\t \x01(\t\x12&\n\x02\x61t\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08replayed\x18\x0b \x01(\x08\x12\x12\n\nsession_id\x18\x0c \x01(\t\"F\n\x05Hello\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x03 \x03(\t\"<\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\"E\n\tHeartbeat\x12+\n\x07sent_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"\xa8\x01\n\x0c\x41gentMessage\x12)\n\x05hello\x18\x01 \x01(\x0b\x32\x18.yakpanel.agent.v1.HelloH\x00\x12\x31\n\theartbeat\x18\x02 \x01(\x0b\x32\x1c.yakpanel.agent.v1.HeartbeatH\x00\x12\x32\n\x06result\x18\x03 \x01(\x0b\x32 .yakpanel.agent.v1.CommandResultH\x00\x42\x06\n\x04kind\"\xb1\x01\n\x0eGatewayMessage\x12-\n\x07welcome\x18\x01 \x01(\x0b\x32\x1a.yakpanel.agent.v1.WelcomeH\x00\x12\x31\n\theartbeat\x18\x02 \x01(\x0b\x32\x1c.yakpanel.agent.v1.HeartbeatH\x00\x12\x35\n\x07\x63ommand\x18\x03 \x01(\x0b\x32\".yakpanel.agent.v1.CommandEnvelopeH\x00\x42\x06\n\x04kind\"\xa5\x01\n\rPresenceEvent\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tserver_id\x18\x02 \x01(\t\x12\x0e\n\x06online\x18\x03 \x01(\x08\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x12\n\ngateway_id\x18\x05 \x01(\t\x12&\n\x02\x61t\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x07 \x01(\t*\x86\x01\n\x0cResultStatus\x12\x1d\n\x19RESULT_STATUS_UNSPECIFIED\x10\x00\x12\x0e\n\nDISPATCHED\x10\x01\x12\x10\n\x0c\x41\x43KNOWLEDGED\x10\x02\x12\x0c\n\x08PROGRESS\x10\x03\x12\r\n\tSUCCEEDED\x10\x04\x12\n\n\x06\x46\x41ILED\x10\x05\x12\x0c\n\x08REJECTED\x10\x06\x32\xb0\x01\n\x0c\x41gentService\x12M\n\x06\x45nroll\x12 .yakpanel.agent.v1.EnrollRequest\x1a!.yakpanel.agent.v1.EnrollResponse\x12Q\n\x07\x43onnect\x12\x1f.yakpanel.agent.v1.AgentMessage\x1a!.yakpanel.agent.v1.GatewayMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RESULTSTATUS']._serialized_start=1575
-  _globals['_RESULTSTATUS']._serialized_end=1709
+  _globals['_RESULTSTATUS']._serialized_start=1600
+  _globals['_RESULTSTATUS']._serialized_end=1734
   _globals['_ENROLLREQUEST']._serialized_start=67
   _globals['_ENROLLREQUEST']._serialized_end=155
   _globals['_ENROLLRESPONSE']._serialized_start=158
-  _globals['_ENROLLRESPONSE']._serialized_end=295
-  _globals['_COMMANDENVELOPE']._serialized_start=298
-  _globals['_COMMANDENVELOPE']._serialized_end=541
-  _globals['_COMMANDRESULT']._serialized_start=544
-  _globals['_COMMANDRESULT']._serialized_end=848
-  _globals['_HELLO']._serialized_start=850
-  _globals['_HELLO']._serialized_end=920
-  _globals['_WELCOME']._serialized_start=922
-  _globals['_WELCOME']._serialized_end=982
-  _globals['_HEARTBEAT']._serialized_start=984
-  _globals['_HEARTBEAT']._serialized_end=1053
-  _globals['_AGENTMESSAGE']._serialized_start=1056
-  _globals['_AGENTMESSAGE']._serialized_end=1224
-  _globals['_GATEWAYMESSAGE']._serialized_start=1227
-  _globals['_GATEWAYMESSAGE']._serialized_end=1404
-  _globals['_PRESENCEEVENT']._serialized_start=1407
-  _globals['_PRESENCEEVENT']._serialized_end=1572
-  _globals['_AGENTSERVICE']._serialized_start=1712
-  _globals['_AGENTSERVICE']._serialized_end=1888
+  _globals['_ENROLLRESPONSE']._serialized_end=320
+  _globals['_COMMANDENVELOPE']._serialized_start=323
+  _globals['_COMMANDENVELOPE']._serialized_end=566
+  _globals['_COMMANDRESULT']._serialized_start=569
+  _globals['_COMMANDRESULT']._serialized_end=873
+  _globals['_HELLO']._serialized_start=875
+  _globals['_HELLO']._serialized_end=945
+  _globals['_WELCOME']._serialized_start=947
+  _globals['_WELCOME']._serialized_end=1007
+  _globals['_HEARTBEAT']._serialized_start=1009
+  _globals['_HEARTBEAT']._serialized_end=1078
+  _globals['_AGENTMESSAGE']._serialized_start=1081
+  _globals['_AGENTMESSAGE']._serialized_end=1249
+  _globals['_GATEWAYMESSAGE']._serialized_start=1252
+  _globals['_GATEWAYMESSAGE']._serialized_end=1429
+  _globals['_PRESENCEEVENT']._serialized_start=1432
+  _globals['_PRESENCEEVENT']._serialized_end=1597
+  _globals['_AGENTSERVICE']._serialized_start=1737
+  _globals['_AGENTSERVICE']._serialized_end=1913
 # @@protoc_insertion_point(module_scope)

@@ -40,18 +40,20 @@ class EnrollRequest(_message.Message):
     def __init__(self, token: _Optional[str] = ..., csr_pem: _Optional[bytes] = ..., hostname: _Optional[str] = ..., agent_version: _Optional[str] = ...) -> None: ...
 
 class EnrollResponse(_message.Message):
-    __slots__ = ("certificate_pem", "ca_chain_pem", "command_signing_public_key", "tenant_id", "server_id")
+    __slots__ = ("certificate_pem", "ca_chain_pem", "command_signing_public_key", "tenant_id", "server_id", "connect_address")
     CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
     CA_CHAIN_PEM_FIELD_NUMBER: _ClassVar[int]
     COMMAND_SIGNING_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     SERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    CONNECT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     certificate_pem: bytes
     ca_chain_pem: bytes
     command_signing_public_key: bytes
     tenant_id: str
     server_id: str
-    def __init__(self, certificate_pem: _Optional[bytes] = ..., ca_chain_pem: _Optional[bytes] = ..., command_signing_public_key: _Optional[bytes] = ..., tenant_id: _Optional[str] = ..., server_id: _Optional[str] = ...) -> None: ...
+    connect_address: str
+    def __init__(self, certificate_pem: _Optional[bytes] = ..., ca_chain_pem: _Optional[bytes] = ..., command_signing_public_key: _Optional[bytes] = ..., tenant_id: _Optional[str] = ..., server_id: _Optional[str] = ..., connect_address: _Optional[str] = ...) -> None: ...
 
 class CommandEnvelope(_message.Message):
     __slots__ = ("command_id", "idempotency_key", "tenant_id", "server_id", "type", "payload", "issued_at", "deadline", "signature")

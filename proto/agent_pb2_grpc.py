@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class AgentServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """The gateway listens on two ports: enrollment (server-authenticated TLS; an agent has
+    no certificate yet) and connect (mutual TLS, client certificate required).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -47,7 +49,9 @@ class AgentServiceStub:
 
 
 class AgentServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """The gateway listens on two ports: enrollment (server-authenticated TLS; an agent has
+    no certificate yet) and connect (mutual TLS, client certificate required).
+    """
 
     def Enroll(self, request, context):
         """Server-authenticated TLS: the agent proves nothing but its one-time token.
@@ -85,7 +89,9 @@ def add_AgentServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AgentService:
-    """Missing associated documentation comment in .proto file."""
+    """The gateway listens on two ports: enrollment (server-authenticated TLS; an agent has
+    no certificate yet) and connect (mutual TLS, client certificate required).
+    """
 
     @staticmethod
     def Enroll(request,

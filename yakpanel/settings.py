@@ -59,8 +59,10 @@ class Settings(BaseSettings):
 
     gateway_host: str = "127.0.0.1"
     gateway_port: int = Field(default=7443, ge=0, le=65535)
+    gateway_enroll_port: int = Field(default=7444, ge=0, le=65535)
     gateway_hostnames: list[str] = Field(default_factory=lambda: ["localhost", "127.0.0.1"])
     gateway_public_address: str | None = None
+    gateway_public_enroll_address: str | None = None
     gateway_id: str | None = None
     controlplane_url: str | None = None
     heartbeat_interval_ms: int = Field(default=5000, ge=100, le=600_000)
@@ -141,6 +143,12 @@ class Settings(BaseSettings):
     @property
     def gateway_address(self) -> str:
         return self.gateway_public_address or f"{self.gateway_host}:{self.gateway_port}"
+
+    @property
+    def gateway_enroll_address(self) -> str:
+        return self.gateway_public_enroll_address or (
+            f"{self.gateway_host}:{self.gateway_enroll_port}"
+        )
 
     @property
     def embedded_postgres(self) -> bool:

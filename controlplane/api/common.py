@@ -34,6 +34,7 @@ def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
         403: "authenticated but not allowed (missing permission, CSRF, escalation)",
         404: "no such resource, or not visible to the caller",
         409: "conflicts with current state (lifecycle, quota, uniqueness)",
+        413: "the request or its payload is too large",
         422: "the request body or parameters are not valid",
         429: "rate limited or throttled; see retry_after",
     }

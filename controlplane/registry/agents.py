@@ -64,7 +64,7 @@ async def create_enrollment_token(
             None,
             {"token_id": str(token_id), "expires_at": expires_at.isoformat()},
         )
-    gateway = cp.settings.gateway_address
+    gateway = cp.settings.gateway_enroll_address
     return m.EnrollmentTokenCreated(
         token=token,
         expires_at=expires_at,

@@ -81,6 +81,7 @@ class AgentGateway(agent_pb2_grpc.AgentServiceServicer):
             command_signing_public_key=base64.b64decode(body["command_signing_public_key"]),
             tenant_id=body["tenant_id"],
             server_id=body["server_id"],
+            connect_address=self.svc.connect_address,
         )
 
     async def Connect(
@@ -128,6 +129,7 @@ class GatewayService:
         self.sessions = SessionTable()
         self.stats = GatewayStats()
         self.port = s.gateway_port
+        self.enroll_port = s.gateway_enroll_port
         self.ca_pem = b""
         self._server: grpc.aio.Server | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -136,7 +138,8 @@ class GatewayService:
 
     # --- lifecycle --------------------------------------------------------------------
 
-    async def _tls(self) -> grpc.ServerCredentials:
+    async def _tls(self) -> tuple[grpc.ServerCredentials, grpc.ServerCredentials]:
+        """(mutual TLS for Connect, server-only TLS for Enroll)."""
         key = new_private_key()
         public_pem = key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -160,15 +163,17 @@ class GatewayService:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        return grpc.ssl_server_credentials(
-            [(key_pem, body["certificate_pem"].encode())],
-            root_certificates=self.ca_pem,
-            require_client_auth=False,
+        pair = [(key_pem, body["certificate_pem"].encode())]
+        return (
+            grpc.ssl_server_credentials(
+                pair, root_certificates=self.ca_pem, require_client_auth=True
+            ),
+            grpc.ssl_server_credentials(pair),
         )
 
     async def start(self) -> None:
         s = self.stack.settings
-        credentials = await self._tls()
+        mutual, server_only = await self._tls()
         await ensure_topics(
             self.stack.kafka_bootstrap,
             self.stack.topic_prefix,
@@ -192,7 +197,10 @@ class GatewayService:
         agent_pb2_grpc.add_AgentServiceServicer_to_server(  # type: ignore[no-untyped-call]
             AgentGateway(self), self._server
         )
-        self.port = self._server.add_secure_port(f"{s.gateway_host}:{s.gateway_port}", credentials)
+        self.port = self._server.add_secure_port(f"{s.gateway_host}:{s.gateway_port}", mutual)
+        self.enroll_port = self._server.add_secure_port(
+            f"{s.gateway_host}:{s.gateway_enroll_port}", server_only
+        )
         await self._server.start()
         self._tasks = [
             asyncio.create_task(self._consume_commands(), name="gateway-commands"),
@@ -220,8 +228,17 @@ class GatewayService:
             self._producer = None
         await self.controlplane.close()
 
+    @property
+    def connect_address(self) -> str:
+        s = self.stack.settings
+        return s.gateway_public_address or f"{s.gateway_host}:{self.port}"
+
     def endpoints(self) -> dict[str, str]:
-        return {"agent gateway (gRPC, mTLS)": f"{self.stack.settings.gateway_host}:{self.port}"}
+        host = self.stack.settings.gateway_host
+        return {
+            "agent gateway (gRPC, mTLS)": f"{host}:{self.port}",
+            "agent enrollment (gRPC, TLS)": f"{host}:{self.enroll_port}",
+        }
 
     # --- sessions ---------------------------------------------------------------------
 
