@@ -36,14 +36,14 @@ class ControlPlaneWorker:
             stack.kafka_bootstrap,
             PRESENCE,
             stack.topic_prefix,
-            "controlplane-presence",
+            f"{stack.topic_prefix}controlplane-presence",
             self._on_presence,
         )
         self.results = TopicConsumer(
             stack.kafka_bootstrap,
             COMMAND_RESULTS,
             stack.topic_prefix,
-            "controlplane-command-results",
+            f"{stack.topic_prefix}controlplane-command-results",
             self._on_result,
         )
         self._tasks: list[asyncio.Task[None]] = []
@@ -101,6 +101,11 @@ class ControlPlaneWorker:
         self.relay.stop()
         self.presence.stop()
         self.results.stop()
+        # Loops notice the stop within a poll; one stuck joining a consumer group or
+        # waiting on the broker is cancelled (its offsets were not committed: nothing lost).
+        _, pending = await asyncio.wait(self._tasks, timeout=1.0)
+        for task in pending:
+            task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -164,5 +164,15 @@ def keygen() -> None:
     _say(base64.b64encode(os.urandom(32)).decode())
 
 
+def _mount_agent() -> None:
+    # The agent is part of the same distribution; its CLI is the `agent` group.
+    from agent.cli import agent_app
+
+    app.add_typer(agent_app, name="agent", help="Enroll and run the node agent.")
+
+
+_mount_agent()
+
+
 def main() -> None:  # pragma: no cover - console entry point
     sys.exit(app())

@@ -14,7 +14,7 @@ from controlplane.access.credentials import (
 from controlplane.access.principal import Principal
 from controlplane.api import models as m
 from controlplane.context import ControlPlane
-from controlplane.passwords import hash_password, verify_password
+from controlplane.passwords import hash_password, hash_password_async, verify_password_async
 from controlplane.problems import Problem
 
 # Verified against when the account does not exist, so both paths cost the same.
@@ -41,7 +41,9 @@ async def login(
                 (email, email),
             )
         ).fetchone()
-        ok = verify_password(account["password_hash"] if account else _DUMMY_HASH, body.password)
+        ok = await verify_password_async(
+            account["password_hash"] if account else _DUMMY_HASH, body.password
+        )
         if ok and account is not None and account["totp_secret"] is not None:
             secret = cp.secrets.open(
                 account["totp_secret"], f"{account['kind']}:{account['id']}:totp"
@@ -157,11 +159,13 @@ async def change_password(cp: ControlPlane, principal: Principal, body: m.Passwo
                 "SELECT password_hash FROM users WHERE id = %s FOR UPDATE", (user_id,)
             )
         ).fetchone()
-        if row is None or not verify_password(row["password_hash"], body.current_password):
+        if row is None or not await verify_password_async(
+            row["password_hash"], body.current_password
+        ):
             raise Problem(403, "wrong_password", "the current password is wrong")
         await uow.conn.execute(
             "UPDATE users SET password_hash = %s WHERE id = %s",
-            (hash_password(body.new_password), user_id),
+            (await hash_password_async(body.new_password), user_id),
         )
         # Other sessions end: a changed password usually means a suspected leak.
         await uow.conn.execute(

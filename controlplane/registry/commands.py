@@ -168,6 +168,14 @@ async def list_commands(
 ) -> list[m.CommandOut]:
     async with db.unit_of_work(access.actor(), access.tenant_id, access.staff_read) as uow:
         await authorize(uow, access, "commands:read", Resource("command"))
+        server = await (
+            await uow.conn.execute(
+                "SELECT 1 FROM servers WHERE id = %s AND tenant_id = %s",
+                (server_id, access.tenant_id),
+            )
+        ).fetchone()
+        if server is None:
+            raise not_found("server")
         rows = await (
             await uow.conn.execute(
                 """SELECT * FROM commands WHERE tenant_id = %s AND server_id = %s

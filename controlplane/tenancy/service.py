@@ -12,7 +12,7 @@ from controlplane.access.policy import Resource, authorize, not_found, require_s
 from controlplane.access.principal import Principal, TenantAccess
 from controlplane.api import models as m
 from controlplane.db import SYSTEM, Database, UnitOfWork
-from controlplane.passwords import hash_password
+from controlplane.passwords import hash_password_async
 from controlplane.problems import Problem
 from yakpanel.ids import new_id
 
@@ -156,7 +156,7 @@ async def ensure_user(
     user_id = new_id()
     await uow.conn.execute(
         "INSERT INTO users (id, email, display_name, password_hash) VALUES (%s, %s, %s, %s)",
-        (user_id, email, display_name, hash_password(password)),
+        (user_id, email, display_name, await hash_password_async(password)),
     )
     await uow.audit("user.created", "user", user_id, None, {"email": email})
     return user_id

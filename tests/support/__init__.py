@@ -1,0 +1,1 @@
+"""Helpers shared by tests, importable by agent subprocesses started from the repo root."""
