@@ -167,7 +167,13 @@ class _Named:
 
 def test_the_registry_maps_types_to_specs() -> None:
     registry = EngineRegistry([SystemEngine(), CountingEngine()])
-    assert registry.types() == ["system.info", "system.ping", "system.sleep", "test.effect"]
+    assert registry.types() == [
+        "system.info",
+        "system.ping",
+        "system.sleep",
+        "test.effect",
+        "test.secret_digest",
+    ]
     assert "system.ping" in registry
     assert "system.reboot" not in registry
     assert registry.get("system.reboot") is None
