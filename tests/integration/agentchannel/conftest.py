@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -139,3 +140,41 @@ async def channel(api: Api, stack: Stack) -> AsyncIterator[Channel]:  # noqa: F8
     finally:
         await gateway.stop()
         await worker.stop()
+
+
+TEST_CAPABILITIES = [
+    "system.ping",
+    "system.info",
+    "system.sleep",
+    "test.effect",
+    "test.secret_digest",
+]
+
+
+def write_agent_config(state_dir: Path, capabilities: list[str] | None = None) -> None:
+    """The node operator's choices: approved command types and the test engine."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    caps = capabilities if capabilities is not None else TEST_CAPABILITIES
+    (state_dir / "agent.toml").write_text(
+        "capabilities = [" + ", ".join(f'"{c}"' for c in caps) + "]\n"
+        'engines = ["tests.support.engines:CountingEngine"]\n'
+    )
+
+
+async def enroll_agent(channel: Channel, name: str, state_dir: Path, **config: Any) -> str:
+    from agent.enroll import enroll
+
+    server_id = await channel.new_server(name)
+    token = await channel.enrollment_token(server_id)
+    write_agent_config(state_dir, **config)
+    identity = await enroll(channel.enroll_address, token, channel.ca_pem, state_dir)
+    assert str(identity.server_id) == server_id
+    return server_id
+
+
+async def wait_presence(
+    channel: Channel, server_id: str, presence: str, timeout_s: float = 30
+) -> dict[str, Any]:
+    return await eventually(
+        lambda: channel.server(server_id), lambda s: s["presence"] == presence, timeout_s
+    )
