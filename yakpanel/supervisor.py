@@ -17,7 +17,7 @@ import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, cast
+from typing import IO, Any, cast
 
 from yakpanel.clickhouse import ClickHouseTarget, embedded_dsn
 from yakpanel.embedded import EmbeddedBroker, EmbeddedPostgres
@@ -32,6 +32,15 @@ log = logging.getLogger(__name__)
 FIRST_START_HOOKS: tuple[str, ...] = ("controlplane.bootstrap:ensure_first_admin",)
 
 FirstStartHook = Callable[[Stack], list[str]]
+
+# `up` only: the demo tenant's server, and the local agent enrolled for it.
+DEMO_ENROLLMENT = "controlplane.demo:ensure_demo_enrollment"
+LOCAL_AGENT = "agent.local:build_local_agent"
+
+
+def _resolve(target: str) -> Any:
+    module_name, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
 
 
 class StateDirBusy(RuntimeError):
@@ -86,9 +95,11 @@ class Supervisor:
         settings: Settings,
         services: list[str] | None = None,
         out: Callable[[str], None] = print,
+        local_agent: bool = True,
     ) -> None:
         self.settings = settings
         self.service_names = list(SERVICE_FACTORIES) if services is None else services
+        self.local_agent = local_agent
         self.out = out
         self.state_dir = settings.state_dir.expanduser().resolve()
         self.postgres: EmbeddedPostgres | None = None
@@ -145,6 +156,13 @@ class Supervisor:
             self.services.append(service)
             for label, url in service.endpoints().items():
                 self.out(f"{label}: {url}")
+        if self.local_agent and "gateway" in self.service_names:
+            enrollment = await asyncio.to_thread(_resolve(DEMO_ENROLLMENT), stack)
+            lines, agent = await _resolve(LOCAL_AGENT)(stack, enrollment)
+            for line in [*enrollment["lines"], *lines]:
+                self.out(line)
+            await agent.start()
+            self.services.append(agent)
         if self.broker is not None:
             self._watch_task = asyncio.create_task(self._watch_broker())
         return stack

@@ -28,11 +28,16 @@ YAKPANEL = [sys.executable, "-m", "yakpanel"]
 class Up:
     """A running `yakpanel up` whose output is collected line by line."""
 
-    def __init__(self, state_dir: Path, api_port: int, kafka_port: int) -> None:
+    def __init__(
+        self, state_dir: Path, api_port: int, kafka_port: int, gateway_ports: tuple[int, int]
+    ) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("YAKPANEL_")}
         env.update(
             YAKPANEL_API_PORT=str(api_port),
             YAKPANEL_EMBEDDED_KAFKA_PORT=str(kafka_port),
+            YAKPANEL_GATEWAY_PORT=str(gateway_ports[0]),
+            YAKPANEL_GATEWAY_ENROLL_PORT=str(gateway_ports[1]),
+            YAKPANEL_HEARTBEAT_INTERVAL_MS="1000",
             YAKPANEL_LOG_LEVEL="WARNING",
         )
         self.api = f"http://127.0.0.1:{api_port}"
@@ -63,7 +68,7 @@ class Up:
                 pytest.fail(f"`yakpanel up` exited early:\n{self.output}")
             try:
                 response = httpx.get(f"{self.api}/readyz", timeout=5)
-                if response.status_code == 200:
+                if response.status_code == 200 and "YakPanel is up" in self.output:
                     return response
             except httpx.TransportError:
                 pass
@@ -92,14 +97,45 @@ def state_dir(tmp_path: Path) -> Iterator[Path]:
         pg.stop()
 
 
+def _demo_server(api: str, password: str, timeout_s: float = 60) -> dict[str, object]:
+    with httpx.Client(base_url=api, timeout=10) as client:
+        r = client.post(
+            "/v1/auth/login", json={"email": "demo@yakpanel.local", "password": password}
+        )
+        assert r.status_code == 200, r.text
+        csrf = r.json()["csrf_token"]
+        tenant = r.json()["memberships"][0]["tenant_id"]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            servers = client.get(f"/v1/tenants/{tenant}/servers").json()["items"]
+            local = next(s for s in servers if s["name"] == "local")
+            if local["presence"] == "online" or time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
+        command = client.post(
+            f"/v1/tenants/{tenant}/servers/{local['id']}/commands",
+            json={"type": "system.ping"},
+            headers={"X-CSRF-Token": csrf},
+        )
+        assert command.status_code == 202, command.text
+        while time.monotonic() < deadline + 30:
+            state = client.get(f"/v1/tenants/{tenant}/commands/{command.json()['id']}").json()
+            if state["state"] in ("succeeded", "failed", "expired"):
+                break
+            time.sleep(0.25)
+        assert state["state"] == "succeeded", state
+        server: dict[str, object] = local
+        return server
+
+
 def _postgres_pid(state_dir: Path) -> int:
     return int((state_dir / "postgres" / "postmaster.pid").read_text().splitlines()[0])
 
 
 def test_up_serves_stops_cleanly_and_keeps_its_data(state_dir: Path) -> None:
-    api_port, kafka_port = free_port(), free_port()
+    api_port, kafka_port, gateway_ports = free_port(), free_port(), (free_port(), free_port())
 
-    first = Up(state_dir, api_port, kafka_port)
+    first = Up(state_dir, api_port, kafka_port, gateway_ports)
     try:
         ready = first.wait_ready()
         checks = ready.json()["checks"]
@@ -112,6 +148,13 @@ def test_up_serves_stops_cleanly_and_keeps_its_data(state_dir: Path) -> None:
         assert match, first.output
         password = match.group(1)
         assert f"api: http://127.0.0.1:{api_port}" in first.output
+        demo = re.search(r"demo password:\s+(\S+)", first.output)
+        assert demo, first.output
+        demo_password = demo.group(1)
+        assert "local agent enrolled" in first.output
+        # The demo tenant's server is online through the local agent, and runs commands.
+        server = _demo_server(first.api, demo_password)
+        assert server["presence"] == "online"
 
         # A second `up` on the same state dir is refused while the first runs.
         clash = subprocess.run(
@@ -132,10 +175,13 @@ def test_up_serves_stops_cleanly_and_keeps_its_data(state_dir: Path) -> None:
     for proc in [*ours, postgres]:
         assert not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE, proc
 
-    second = Up(state_dir, api_port, kafka_port)
+    second = Up(state_dir, api_port, kafka_port, gateway_ports)
     try:
         second.wait_ready()
+        assert _demo_server(second.api, demo_password)["presence"] == "online"
         assert "admin password" not in second.output
+        assert "demo password" not in second.output
+        assert "local agent enrolled" not in second.output
         assert "existing account" in second.output
         assert "migrated" not in second.output
     finally:
@@ -154,7 +200,7 @@ def test_up_serves_stops_cleanly_and_keeps_its_data(state_dir: Path) -> None:
 
 
 def test_up_brings_a_dead_broker_back(state_dir: Path) -> None:
-    up = Up(state_dir, free_port(), free_port())
+    up = Up(state_dir, free_port(), free_port(), (free_port(), free_port()))
     try:
         up.wait_ready()
         broker = next(p for p in up.our_processes() if "tansu" in " ".join(p.cmdline()))
