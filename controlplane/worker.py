@@ -90,7 +90,7 @@ class ControlPlaneWorker:
         await expire_overdue(self.db, now)
         async with self.db.connection() as conn:
             await conn.execute(
-                "DELETE FROM api_request_counts WHERE minute < %s", (now - timedelta(minutes=10),)
+                "SELECT prune_api_request_counts(%s)", (now - timedelta(minutes=10),)
             )
             await conn.execute(
                 "DELETE FROM login_sessions WHERE expires_at < %s", (now - timedelta(days=1),)

@@ -3,7 +3,9 @@
 A gateway announces `online` for a new session and `offline` for a session that ended
 (after three missed heartbeats, or a grace period after a disconnect). An `offline`
 for a session that is no longer current — the agent already reconnected, perhaps to
-another gateway — changes nothing, so brief reconnects do not flap.
+another gateway — changes nothing, so brief reconnects do not flap. Nor does an
+`online` for a session already announced offline: sessions never come back, so it can
+only be a late "still connected" refresh.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ async def apply_presence(db: Database, event: agent_pb2.PresenceEvent) -> str | 
             ),
         )
         if event.online:
+            if row["presence"] == "offline" and row["presence_session"] == event.session_id:
+                return None  # a late refresh of a session that was already announced ended
             await uow.conn.execute(
                 """UPDATE servers SET presence = 'online', presence_session = %s,
                        last_seen_at = %s,
