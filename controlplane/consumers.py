@@ -43,7 +43,9 @@ class TopicConsumer:
         group_id: str,
         handler: Handler,
         max_backoff_s: float = 5.0,
+        fetch_max_wait_ms: int = 20,
     ) -> None:
+        self.fetch_max_wait_ms = fetch_max_wait_ms
         self.bootstrap = bootstrap
         self.topic = topic
         self.prefix = prefix
@@ -70,6 +72,9 @@ class TopicConsumer:
                     auto_offset_reset="earliest",
                     session_timeout_ms=10_000,
                     heartbeat_interval_ms=1_000,
+                    # The embedded broker answers a waiting fetch only when this runs
+                    # out, not when data arrives: keep it short (Kafka answers early).
+                    fetch_max_wait_ms=self.fetch_max_wait_ms,
                 )
                 await consumer.start()
                 await self._consume(consumer)
