@@ -38,13 +38,18 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 up: $(VENV)/.installed-embedded
 	$(BIN)/yakpanel up --state-dir $(STATE_DIR)
 
-system-deps:
+# Install the Debian packages named in $(1) that are missing (needs root, once).
+define apt_install
 	@missing=""; \
-	for pkg in $(DEB_PACKAGES); do dpkg -s "$$pkg" >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	for pkg in $(1); do dpkg -s "$$pkg" >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+endef
+
+system-deps:
+	$(call apt_install,$(DEB_PACKAGES))
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
@@ -58,12 +63,7 @@ unit: $(VENV)/.installed-dev
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
 bench-deps:
-	@missing=""; \
-	for pkg in $(BENCH_DEB_PACKAGES); do dpkg -s "$$pkg" >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
-	if [ -n "$$missing" ]; then \
-		echo "installing Debian packages for the benchmarks:$$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
-	fi
+	$(call apt_install,$(BENCH_DEB_PACKAGES))
 
 bench: system-deps bench-deps $(VENV)/.installed-dev
 	$(BIN)/python -m bench
