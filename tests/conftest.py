@@ -12,6 +12,8 @@ service that cannot start fails the tests that need it, with the reason; nothing
 from __future__ import annotations
 
 import os
+import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +49,24 @@ def pytest_configure(config: pytest.Config) -> None:
     for key in list(os.environ):
         if key.startswith("YAKPANEL_"):
             del os.environ[key]
+
+
+_exit_status: list[int] = []
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _exit_status.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # grpc.aio keeps a poller thread that a finalizer running after the last event loop
+    # closed can wait on forever, hanging the interpreter at exit after every result was
+    # reported. Leave at once with the session's status instead.
+    if _exit_status and any(t.name.endswith("(_poll_wrapper)") for t in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_exit_status[-1])
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -135,10 +135,12 @@ async def channel(api: Api, stack: Stack) -> AsyncIterator[Channel]:  # noqa: F8
     gateway = GatewayService(stack)
     await gateway.start()
     tenant = await api.create_tenant(plan="business")
+    handle = Channel(api, stack, gateway, worker, tenant)
     try:
-        yield Channel(api, stack, gateway, worker, tenant)
+        yield handle
     finally:
-        await gateway.stop()
+        # A test may have replaced the gateway (restart tests): stop the current one.
+        await handle.gateway.stop()
         await worker.stop()
 
 
