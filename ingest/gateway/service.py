@@ -134,6 +134,8 @@ class GatewayService:
         self._server: grpc.aio.Server | None = None
         self._producer: AIOKafkaProducer | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # Offline announcements in flight; each leaves the set when done.
+        self._announcing: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
 
     # --- lifecycle --------------------------------------------------------------------
@@ -216,7 +218,7 @@ class GatewayService:
         if self._server is not None:
             await self._server.stop(grace=2)
             self._server = None
-        for task in self._tasks:
+        for task in [*self._tasks, *self._announcing]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -316,7 +318,8 @@ class GatewayService:
             self.sessions.release_offline(server_id)
             if self.sessions.get(server_id) is None:
                 task = asyncio.create_task(self._presence(session, False, "disconnected"))
-                self._tasks.append(task)
+                self._announcing.add(task)
+                task.add_done_callback(self._announcing.discard)
 
         self.sessions.hold_offline(server_id, loop.call_later(grace, announce))
 
@@ -379,7 +382,11 @@ class GatewayService:
     async def _consume_commands(self) -> None:
         topic = COMMANDS.full_name(self.stack.topic_prefix)
         while not self._stop.is_set():
-            consumer = AIOKafkaConsumer(bootstrap_servers=self.stack.kafka_bootstrap)
+            # A short fetch wait: the embedded broker answers a waiting fetch only when it
+            # runs out (Kafka answers as soon as data arrives), and commands are latency-bound.
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.stack.kafka_bootstrap, fetch_max_wait_ms=20
+            )
             try:
                 await consumer.start()
                 partitions = consumer.partitions_for_topic(topic)
@@ -414,7 +421,9 @@ class GatewayService:
 
     # --- presence ---------------------------------------------------------------------
 
-    async def _presence(self, session: Session, online: bool, reason: str) -> None:
+    def _presence_event(
+        self, session: Session, online: bool, reason: str
+    ) -> agent_pb2.PresenceEvent:
         event = agent_pb2.PresenceEvent(
             tenant_id=str(session.identity.tenant_id),
             server_id=str(session.identity.server_id),
@@ -424,6 +433,10 @@ class GatewayService:
             reason=reason,
         )
         event.at.GetCurrentTime()
+        return event
+
+    async def _presence(self, session: Session, online: bool, reason: str) -> None:
+        event = self._presence_event(session, online, reason)
         if self._producer is None:
             return
         try:
@@ -449,8 +462,32 @@ class GatewayService:
         every = self.stack.settings.presence_refresh_s
         while not self._stop.is_set():
             await asyncio.sleep(every)
-            for session in self.sessions.all():
-                await self._presence(session, True, "still connected")
+            await self._refresh_round()
+
+    async def _refresh_round(self) -> None:
+        # Sent together and awaited together: one round is one batch, not N round trips.
+        # Sessions that ended since the round began are skipped, or their `offline`
+        # would be followed by a stale `online`.
+        if self._producer is None:
+            return
+        topic = PRESENCE.full_name(self.stack.topic_prefix)
+        futures = []
+        for session in self.sessions.all():
+            if (
+                session.closed.is_set()
+                or self.sessions.get(session.identity.server_id) is not session
+            ):
+                continue
+            event = self._presence_event(session, True, "still connected")
+            futures.append(
+                await self._producer.send(
+                    topic, event.SerializeToString(), key=event.server_id.encode()
+                )
+            )
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        failed = sum(1 for r in results if isinstance(r, BaseException))
+        if failed:
+            log.warning("%d presence refreshes were not published", failed)
 
 
 def build_gateway_service(stack: Stack) -> Service:
