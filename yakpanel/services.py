@@ -53,6 +53,7 @@ SERVICE_FACTORIES: dict[str, str] = {
     "api": "controlplane.service:build_api_service",
     "worker": "controlplane.worker:build_worker_service",
     "gateway": "ingest.gateway.service:build_gateway_service",
+    "aggregator": "ingest.aggregator.service:build_aggregator_service",
 }
 
 
