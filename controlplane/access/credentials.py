@@ -213,7 +213,25 @@ def totp_uri(secret: str, email: str) -> str:
     return pyotp.TOTP(secret).provisioning_uri(name=email, issuer_name="YakPanel")
 
 
-def verify_totp(secret: str, code: str, clock: Clock) -> bool:
+def totp_step(secret: str, code: str, clock: Clock) -> int | None:
+    """The time step (30 s) whose code this is, allowing one step of clock drift."""
     if not code.isdigit() or len(code) != 6:
-        return False
-    return bool(pyotp.TOTP(secret).verify(code, for_time=clock.now(), valid_window=1))
+        return None
+    totp = pyotp.TOTP(secret)
+    now = int(clock.now().timestamp()) // totp.interval
+    for step in (now - 1, now, now + 1):
+        if hmac.compare_digest(totp.generate_otp(step), code):
+            return step
+    return None
+
+
+async def accept_totp_step(conn: Conn, table: str, account_id: uuid.UUID, step: int) -> bool:
+    """Record `step` as used; False when it (or a later one) was already used: a replay."""
+    if table not in ("users", "platform_staff"):
+        raise ValueError(table)
+    updated = await conn.execute(
+        f"UPDATE {table} SET totp_last_step = %s WHERE id = %s"
+        " AND (totp_last_step IS NULL OR totp_last_step < %s)",
+        (step, account_id, step),
+    )
+    return updated.rowcount == 1

@@ -6,10 +6,11 @@ import uuid
 
 from controlplane.access.credentials import (
     NewSession,
+    accept_totp_step,
     create_session,
     new_totp_secret,
+    totp_step,
     totp_uri,
-    verify_totp,
 )
 from controlplane.access.principal import Principal
 from controlplane.api import models as m
@@ -51,7 +52,9 @@ async def login(
             if body.totp_code is None:
                 # Right password but no code: not counted as a failure, but no session.
                 raise Problem(401, "totp_required", "this account needs its one-time code")
-            ok = verify_totp(secret, body.totp_code, cp.clock)
+            step = totp_step(secret, body.totp_code, cp.clock)
+            table = "platform_staff" if account["kind"] == "staff" else "users"
+            ok = step is not None and await accept_totp_step(conn, table, account["id"], step)
         if not ok or account is None:
             await cp.throttle.failed(conn, email, source_ip)
             raise _wrong()
@@ -201,12 +204,13 @@ async def confirm_totp(cp: ControlPlane, principal: Principal, body: m.TotpCode)
         if row is None or row["totp_pending_secret"] is None:
             raise Problem(409, "no_enrollment", "start the enrollment first")
         secret = cp.secrets.open(row["totp_pending_secret"], f"user:{user_id}:totp").decode()
-        if not verify_totp(secret, body.code, cp.clock):
+        step = totp_step(secret, body.code, cp.clock)
+        if step is None:
             raise Problem(422, "wrong_code", "the code does not match; check the device clock")
         await uow.conn.execute(
-            "UPDATE users SET totp_secret = totp_pending_secret, totp_pending_secret = NULL"
-            " WHERE id = %s",
-            (user_id,),
+            "UPDATE users SET totp_secret = totp_pending_secret, totp_pending_secret = NULL,"
+            " totp_last_step = %s WHERE id = %s",
+            (step, user_id),
         )
         await uow.audit("user.totp_enabled", "user", user_id)
 
@@ -222,7 +226,8 @@ async def disable_totp(cp: ControlPlane, principal: Principal, body: m.TotpCode)
         if row is None or row["totp_secret"] is None:
             raise Problem(409, "totp_not_enabled", "the second factor is not enabled")
         secret = cp.secrets.open(row["totp_secret"], f"user:{user_id}:totp").decode()
-        if not verify_totp(secret, body.code, cp.clock):
+        step = totp_step(secret, body.code, cp.clock)
+        if step is None or not await accept_totp_step(uow.conn, "users", user_id, step):
             raise Problem(422, "wrong_code", "the code does not match")
         await uow.conn.execute("UPDATE users SET totp_secret = NULL WHERE id = %s", (user_id,))
         await uow.audit("user.totp_disabled", "user", user_id)

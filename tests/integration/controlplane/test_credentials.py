@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -193,7 +194,8 @@ async def test_second_factor_enrollment_and_login(api: Api) -> None:
     assert r.json()["otpauth_uri"].startswith("otpauth://totp/")
     r = await t.owner.post("/v1/users/me/totp/confirm", json={"code": "000000"})
     assert r.status_code == 422
-    r = await t.owner.post("/v1/users/me/totp/confirm", json={"code": pyotp.TOTP(secret).now()})
+    confirmed_code = pyotp.TOTP(secret).now()
+    r = await t.owner.post("/v1/users/me/totp/confirm", json={"code": confirmed_code})
     assert r.status_code == 204, r.text
 
     client = api.client()
@@ -207,9 +209,20 @@ async def test_second_factor_enrollment_and_login(api: Api) -> None:
         json={"email": t.owner_email, "password": OWNER_PASSWORD, "totp_code": "123456"},
     )
     assert r.status_code == 401
-    ok = await api.login(t.owner_email, OWNER_PASSWORD, totp_code=pyotp.TOTP(secret).now())
+    # The code that confirmed the enrollment is spent; the next step's code (accepted
+    # for clock drift) is not.
+    code = pyotp.TOTP(secret).at(time.time() + 30)
+    assert code != confirmed_code
+    ok = await api.login(t.owner_email, OWNER_PASSWORD, totp_code=code)
     me = (await ok.get("/v1/auth/me")).json()
     assert me["totp_enabled"] is True
+    # One-time: the same code does not log in a second time.
+    replay = await api.client().post(
+        "/v1/auth/login",
+        json={"email": t.owner_email, "password": OWNER_PASSWORD, "totp_code": code},
+    )
+    assert replay.status_code == 401
+    assert replay.json()["code"] == "login_failed"
     with psycopg.connect(api.stack.postgres_dsn) as conn:
         row = conn.execute(
             "SELECT totp_secret FROM users WHERE email = %s", (t.owner_email,)
