@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     presence_refresh_s: float = Field(default=15.0, gt=0, le=3600)
     gateway_queue_per_agent: int = Field(default=1000, ge=1, le=100_000)
     gateway_max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # OTLP metrics (gateway `MetricsService/Export`), each limit per tenant.
+    otlp_max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    otlp_max_datapoints: int = Field(default=50_000, ge=1, le=10_000_000)
+    otlp_max_new_series_per_hour: int = Field(default=100_000, ge=1, le=100_000_000)
 
     worker_heartbeat_file: Path | None = None
 

@@ -44,7 +44,8 @@ METRICS = TopicSpec(
     12,
     1 * _DAY_MS,
     "server_id",
-    "OTLP ExportMetricsServiceRequest bytes; headers tenant_id, server_id, received_at",
+    "OTLP ExportMetricsServiceRequest bytes; headers tenant_id, server_id, received_at,"
+    " retention_days",
     ("gateway",),
     ("aggregator",),
 )

@@ -20,8 +20,10 @@ from controlplane.api.models import (
     InternalEnrolled,
     InternalGatewayCertificate,
     InternalGatewayCertificateOut,
+    InternalMetricLimits,
 )
 from controlplane.context import ControlPlane
+from controlplane.db import SYSTEM
 from controlplane.problems import Problem
 from controlplane.registry import agents, commands
 
@@ -66,3 +68,18 @@ async def pending_commands(tenant_id: uuid.UUID, server_id: uuid.UUID, cp: Inter
     """Envelopes (base64 protobuf) to deliver to an agent that just connected."""
     envelopes = await commands.pending_envelopes(cp.db, tenant_id, server_id, cp.clock.now())
     return [base64.b64encode(e).decode() for e in envelopes]
+
+
+@router.get("/tenants/{tenant_id}/metric-limits")
+async def metric_limits(tenant_id: uuid.UUID, cp: Internal) -> InternalMetricLimits:
+    """What the gateway stamps on a tenant's metrics: the plan's retention."""
+    async with cp.db.unit_of_work(SYSTEM, tenant_id) as uow:
+        cur = await uow.conn.execute(
+            "SELECT p.metric_retention_days FROM tenants t JOIN plans p ON p.id = t.plan_id"
+            " WHERE t.id = %s",
+            (tenant_id,),
+        )
+        row = await cur.fetchone()
+    if row is None:
+        raise Problem(404, "tenant_not_found", "no such tenant")
+    return InternalMetricLimits(metric_retention_days=row["metric_retention_days"])

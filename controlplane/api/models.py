@@ -408,6 +408,10 @@ class InternalGatewayCertificateOut(BaseModel):
     ca_chain_pem: str
 
 
+class InternalMetricLimits(BaseModel):
+    metric_retention_days: int
+
+
 # --- auth -----------------------------------------------------------------------------
 
 

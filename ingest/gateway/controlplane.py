@@ -31,12 +31,16 @@ class CertificateStatus:
 
 
 class ControlPlaneClient:
-    def __init__(self, base_url: str, token: str, cache_ttl_s: float = 5.0) -> None:
+    def __init__(
+        self, base_url: str, token: str, cache_ttl_s: float = 5.0, limits_ttl_s: float = 60.0
+    ) -> None:
         self._http = httpx.AsyncClient(
             base_url=base_url, headers={INTERNAL_HEADER: token}, timeout=10.0
         )
         self._cache_ttl_s = cache_ttl_s
         self._status_cache: dict[str, tuple[float, CertificateStatus]] = {}
+        self._limits_ttl_s = limits_ttl_s
+        self._retention_cache: dict[uuid.UUID, tuple[float, int]] = {}
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -86,6 +90,17 @@ class ControlPlaneClient:
             "GET", f"/internal/v1/tenants/{tenant_id}/servers/{server_id}/pending-commands"
         )
         return [base64.b64decode(item) for item in body]
+
+    async def metric_retention_days(self, tenant_id: uuid.UUID) -> int:
+        """The tenant plan's metric retention, cached for `limits_ttl_s`."""
+        now = time.monotonic()
+        cached = self._retention_cache.get(tenant_id)
+        if cached is not None and now - cached[0] < self._limits_ttl_s:
+            return cached[1]
+        body = await self._call("GET", f"/internal/v1/tenants/{tenant_id}/metric-limits")
+        days = int(body["metric_retention_days"])
+        self._retention_cache[tenant_id] = (now, days)
+        return days
 
     async def gateway_certificate(self, public_key_pem: bytes, hostnames: list[str]) -> Any:
         return await self._call(

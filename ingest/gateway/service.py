@@ -7,6 +7,7 @@
   from `yak.commands.v1` to the sessions it holds, plus whatever the control plane
   still has pending for an agent that (re)connects; it relays results to
   `yak.command-results.v1` and presence to `yak.presence.v1`.
+- `MetricsService/Export` (standard OTLP/gRPC, mutual TLS): ingest/gateway/metrics.py.
 """
 
 from __future__ import annotations
@@ -26,14 +27,23 @@ import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from cryptography.hazmat.primitives import serialization
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc
 
 from ingest.gateway.controlplane import ControlPlaneClient, ControlPlaneRefused
+from ingest.gateway.metrics import MetricsService
 from ingest.gateway.sessions import QueueFull, Session, SessionTable, new_session_id
 from proto import agent_pb2, agent_pb2_grpc
-from yakpanel.pki import IdentityError, identity_of, load_certificate, new_private_key, serial_hex
+from yakpanel.pki import (
+    IdentityError,
+    NodeIdentity,
+    identity_of,
+    load_certificate,
+    new_private_key,
+    serial_hex,
+)
 from yakpanel.service_secrets import load_internal_token
 from yakpanel.services import Service, Stack
-from yakpanel.topics import COMMAND_RESULTS, COMMANDS, PRESENCE, ensure_topics
+from yakpanel.topics import COMMAND_RESULTS, COMMANDS, METRICS, PRESENCE, ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +57,10 @@ class GatewayStats:
         self.commands_delivered = 0
         self.results_relayed = 0
         self.queue_overflows = 0
+        self.metrics_requests = 0
+        self.metrics_points = 0
+        # Resource attributes that claimed another server or tenant and were overwritten.
+        self.identity_overwrites = 0
 
     def refuse(self, reason: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
@@ -179,14 +193,15 @@ class GatewayService:
         await ensure_topics(
             self.stack.kafka_bootstrap,
             self.stack.topic_prefix,
-            (COMMANDS, COMMAND_RESULTS, PRESENCE),
+            (COMMANDS, COMMAND_RESULTS, PRESENCE, METRICS),
             replication_factor=s.kafka_replication_factor,
         )
         self._producer = AIOKafkaProducer(
             bootstrap_servers=self.stack.kafka_bootstrap, acks="all", linger_ms=2
         )
         await self._producer.start()
-        limit = s.gateway_max_message_bytes
+        # gRPC refuses larger messages before any handler runs; Export names its own limit.
+        limit = max(s.gateway_max_message_bytes, s.otlp_max_request_bytes)
         self._server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", limit),
@@ -198,6 +213,11 @@ class GatewayService:
         )
         agent_pb2_grpc.add_AgentServiceServicer_to_server(  # type: ignore[no-untyped-call]
             AgentGateway(self), self._server
+        )
+        # Served on both ports (one server); Export itself refuses callers without a
+        # valid client certificate, as Connect does.
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            MetricsService(self), self._server
         )
         self.port = self._server.add_secure_port(f"{s.gateway_host}:{s.gateway_port}", mutual)
         self.enroll_port = self._server.add_secure_port(
@@ -244,17 +264,18 @@ class GatewayService:
 
     # --- sessions ---------------------------------------------------------------------
 
-    async def open_session(
-        self,
-        request_iterator: AsyncIterator[agent_pb2.AgentMessage],
-        context: grpc.aio.ServicerContext[Any, Any],
-    ) -> Session:
+    async def authenticate(
+        self, context: grpc.aio.ServicerContext[Any, Any], rpc: str
+    ) -> tuple[NodeIdentity, str]:
+        """(identity, serial) of the caller's client certificate, or the call is aborted:
+        UNAUTHENTICATED without a usable certificate, PERMISSION_DENIED when the control
+        plane does not hold it valid, UNAVAILABLE when the control plane cannot say."""
         auth = context.auth_context()
         pem = next(iter(auth.get("x509_pem_cert") or ()), b"")
         if not pem:
             self.stats.refuse("no_certificate")
             await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED, "Connect needs a client certificate: enroll first"
+                grpc.StatusCode.UNAUTHENTICATED, f"{rpc} needs a client certificate: enroll first"
             )
         try:
             cert = load_certificate(pem)
@@ -274,6 +295,22 @@ class GatewayService:
             }.get(status.status, "the certificate is not known to the control plane")
             self.stats.refuse(f"certificate_{status.status}")
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+        return identity, serial
+
+    async def produce(
+        self, topic: str, value: bytes, key: bytes, headers: list[tuple[str, bytes]]
+    ) -> None:
+        """Sends one record and waits for the broker's acknowledgement (acks=all)."""
+        if self._producer is None:
+            raise KafkaError("the gateway is not running")
+        await self._producer.send_and_wait(topic, value, key=key, headers=headers)
+
+    async def open_session(
+        self,
+        request_iterator: AsyncIterator[agent_pb2.AgentMessage],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> Session:
+        identity, serial = await self.authenticate(context, "Connect")
         try:
             first = await asyncio.wait_for(anext(aiter(request_iterator)), HELLO_TIMEOUT_S)
         except (TimeoutError, StopAsyncIteration):

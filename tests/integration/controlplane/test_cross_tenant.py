@@ -96,6 +96,9 @@ INTERNAL: dict[tuple[str, str], str] = {
     ("GET", "/internal/v1/tenants/{tenant_id}/servers/{server_id}/pending-commands"): (
         "commands for the connecting agent, by the identity in its certificate"
     ),
+    ("GET", "/internal/v1/tenants/{tenant_id}/metric-limits"): (
+        "the plan's metric retention of the tenant named in a sender's certificate"
+    ),
 }
 
 # A valid body for every tenant-scoped route that takes one. The values are the most
