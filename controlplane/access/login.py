@@ -15,6 +15,7 @@ from controlplane.access.credentials import (
 from controlplane.access.principal import Principal
 from controlplane.api import models as m
 from controlplane.context import ControlPlane
+from controlplane.db import UnitOfWork
 from controlplane.passwords import hash_password, hash_password_async, verify_password_async
 from controlplane.problems import Problem
 
@@ -193,17 +194,30 @@ async def begin_totp(cp: ControlPlane, principal: Principal) -> m.TotpEnrollment
     return m.TotpEnrollment(secret=secret, otpauth_uri=totp_uri(secret, row["email"]))
 
 
+async def _locked_totp_secret(
+    cp: ControlPlane, uow: UnitOfWork, user_id: uuid.UUID, column: str, missing: Problem
+) -> str:
+    """The user's (pending or active) TOTP secret, opened; the row stays locked."""
+    if column not in ("totp_secret", "totp_pending_secret"):
+        raise ValueError(column)
+    row = await (
+        await uow.conn.execute(f"SELECT {column} FROM users WHERE id = %s FOR UPDATE", (user_id,))
+    ).fetchone()
+    if row is None or row[column] is None:
+        raise missing
+    return cp.secrets.open(row[column], f"user:{user_id}:totp").decode()
+
+
 async def confirm_totp(cp: ControlPlane, principal: Principal, body: m.TotpCode) -> None:
     user_id = _require_user(principal)
     async with cp.db.unit_of_work(principal.actor()) as uow:
-        row = await (
-            await uow.conn.execute(
-                "SELECT totp_pending_secret FROM users WHERE id = %s FOR UPDATE", (user_id,)
-            )
-        ).fetchone()
-        if row is None or row["totp_pending_secret"] is None:
-            raise Problem(409, "no_enrollment", "start the enrollment first")
-        secret = cp.secrets.open(row["totp_pending_secret"], f"user:{user_id}:totp").decode()
+        secret = await _locked_totp_secret(
+            cp,
+            uow,
+            user_id,
+            "totp_pending_secret",
+            Problem(409, "no_enrollment", "start the enrollment first"),
+        )
         step = totp_step(secret, body.code, cp.clock)
         if step is None:
             raise Problem(422, "wrong_code", "the code does not match; check the device clock")
@@ -218,14 +232,13 @@ async def confirm_totp(cp: ControlPlane, principal: Principal, body: m.TotpCode)
 async def disable_totp(cp: ControlPlane, principal: Principal, body: m.TotpCode) -> None:
     user_id = _require_user(principal)
     async with cp.db.unit_of_work(principal.actor()) as uow:
-        row = await (
-            await uow.conn.execute(
-                "SELECT totp_secret FROM users WHERE id = %s FOR UPDATE", (user_id,)
-            )
-        ).fetchone()
-        if row is None or row["totp_secret"] is None:
-            raise Problem(409, "totp_not_enabled", "the second factor is not enabled")
-        secret = cp.secrets.open(row["totp_secret"], f"user:{user_id}:totp").decode()
+        secret = await _locked_totp_secret(
+            cp,
+            uow,
+            user_id,
+            "totp_secret",
+            Problem(409, "totp_not_enabled", "the second factor is not enabled"),
+        )
         step = totp_step(secret, body.code, cp.clock)
         if step is None or not await accept_totp_step(uow.conn, "users", user_id, step):
             raise Problem(422, "wrong_code", "the code does not match")
