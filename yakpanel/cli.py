@@ -62,7 +62,7 @@ def serve(
     service: Annotated[str, typer.Argument(help="The service to run, e.g. `api`.")],
 ) -> None:
     """Run one service alone against external PostgreSQL, Kafka and ClickHouse."""
-    from yakpanel.services import SERVICE_FACTORIES
+    from yakpanel.services import SERVICE_FACTORIES, SERVICE_NEEDS
     from yakpanel.supervisor import serve_one
 
     settings = _settings()
@@ -73,10 +73,10 @@ def serve(
             err=True,
         )
         raise typer.Exit(2)
-    missing = settings.external_settings_missing()
+    missing = settings.external_settings_missing(SERVICE_NEEDS[service])
     if missing:
         typer.secho(
-            f"`serve` runs against external services; set {', '.join(missing)} "
+            f"`serve {service}` runs against external services; set {', '.join(missing)} "
             "(or use `yakpanel up` for the embedded stack)",
             fg=typer.colors.RED,
             err=True,

@@ -56,6 +56,15 @@ SERVICE_FACTORIES: dict[str, str] = {
     "aggregator": "ingest.aggregator.service:build_aggregator_service",
 }
 
+# What each service talks to, so `serve NAME` asks only for the DSNs that one needs (the
+# gateway reaches the control plane over HTTP; the aggregator never touches PostgreSQL).
+SERVICE_NEEDS: dict[str, frozenset[str]] = {
+    "api": frozenset({"postgres", "kafka", "clickhouse"}),
+    "worker": frozenset({"postgres", "kafka"}),
+    "gateway": frozenset({"kafka"}),
+    "aggregator": frozenset({"kafka", "clickhouse"}),
+}
+
 
 def load_factory(name: str) -> ServiceFactory:
     try:

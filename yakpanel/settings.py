@@ -73,6 +73,14 @@ class Settings(BaseSettings):
     otlp_max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     otlp_max_datapoints: int = Field(default=50_000, ge=1, le=10_000_000)
     otlp_max_new_series_per_hour: int = Field(default=100_000, ge=1, le=100_000_000)
+    # Aggregator (yak.metrics.v1 -> ClickHouse): batch per partition, bound on decoded rows
+    # waiting for ClickHouse, and how late/early a sample may be against gateway time.
+    aggregator_max_records: int = Field(default=1000, ge=1, le=1_000_000)
+    aggregator_max_wait_s: float = Field(default=2.0, gt=0, le=300)
+    aggregator_max_pending_rows: int = Field(default=1_000_000, ge=1000, le=100_000_000)
+    aggregator_late_window_s: int = Field(default=600, ge=0, le=7 * 86400)
+    aggregator_future_window_s: int = Field(default=600, ge=0, le=86400)
+    aggregator_heartbeat_file: Path | None = None
 
     worker_heartbeat_file: Path | None = None
 
@@ -166,13 +174,16 @@ class Settings(BaseSettings):
     def embedded_clickhouse(self) -> bool:
         return self.clickhouse_dsn is None
 
-    def external_settings_missing(self) -> list[str]:
-        """Names of the DSN settings a standalone (`serve`) process needs but lacks."""
+    def external_settings_missing(
+        self, needs: frozenset[str] = frozenset({"postgres", "kafka", "clickhouse"})
+    ) -> list[str]:
+        """Names of the DSN settings a standalone (`serve`) process needs but lacks;
+        `needs` names the dependencies of the service (all three by default)."""
         missing = []
-        if self.postgres_dsn is None:
+        if "postgres" in needs and self.postgres_dsn is None:
             missing.append("YAKPANEL_POSTGRES_DSN")
-        if self.kafka_bootstrap is None:
+        if "kafka" in needs and self.kafka_bootstrap is None:
             missing.append("YAKPANEL_KAFKA_BOOTSTRAP")
-        if self.clickhouse_dsn is None:
+        if "clickhouse" in needs and self.clickhouse_dsn is None:
             missing.append("YAKPANEL_CLICKHOUSE_DSN")
         return missing

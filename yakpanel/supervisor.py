@@ -228,11 +228,12 @@ def serve_one(settings: Settings, name: str, out: Callable[[str], None] = print)
     """`yakpanel serve NAME`: one service against external DSNs (the production shape)."""
 
     async def main() -> None:
+        # A DSN the service does not need (SERVICE_NEEDS) may be unset: it stays empty.
         stack = Stack(
             settings,
-            cast(str, settings.postgres_dsn),
-            cast(str, settings.kafka_bootstrap),
-            ClickHouseTarget(cast(str, settings.clickhouse_dsn), settings.clickhouse_database),
+            settings.postgres_dsn or "",
+            settings.kafka_bootstrap or "",
+            ClickHouseTarget(settings.clickhouse_dsn or "", settings.clickhouse_database),
         )
         service = load_factory(name)(stack)
         stop = asyncio.Event()

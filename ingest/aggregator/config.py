@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ingest.aggregator.rollup import LatePolicy
 
@@ -23,6 +24,8 @@ class AggregatorConfig:
     max_backoff_s: float = 5.0
     drain_timeout_s: float = 15.0
     publish_rollups: bool = True
+    # Touched while the consume loop runs (container health checks); None: no file.
+    heartbeat_file: Path | None = None
 
 
 @dataclass

@@ -25,6 +25,7 @@ import contextlib
 import functools
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,10 +40,11 @@ from ingest.aggregator.batching import BatchAssembler, PartitionKey, SealedBatch
 from ingest.aggregator.config import AggregatorConfig, AggregatorStats
 from ingest.aggregator.decode import UndecodableMessage
 from ingest.aggregator.live import encode_partials, origin_of
-from ingest.aggregator.rollup import FINEST, AggregateBatch, aggregate
+from ingest.aggregator.rollup import FINEST, AggregateBatch, LatePolicy, aggregate
 from ingest.aggregator.writer import BatchSource, ClickHouseWriter, WriteReport
 from yakpanel.clock import Clock, SystemClock
 from yakpanel.services import Service, Stack
+from yakpanel.settings import Settings
 from yakpanel.topics import METRICS, METRICS_DLQ, ROLLUPS, ensure_topics
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 _DLQ_HEADERS = ("source_topic", "source_partition", "source_offset", "error")
+HEARTBEAT_EVERY_S = 5.0
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -204,11 +207,22 @@ class Aggregator:
         self._idle.set()
         self._closing = False
 
+    def _beat(self) -> None:
+        path = self.config.heartbeat_file
+        if path is not None:
+            with contextlib.suppress(OSError):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch()
+
     async def _consume(self, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer) -> None:
         writer = asyncio.create_task(self._write_loop(consumer, producer), name="aggregator-writer")
         poll_ms = int(min(self.config.max_wait_s, 0.2) * 1000)
+        beat_at = 0.0
         try:
             while not self._stop.is_set():
+                if time.monotonic() >= beat_at:
+                    self._beat()
+                    beat_at = time.monotonic() + HEARTBEAT_EVERY_S
                 if writer.done():
                     writer.result()
                     raise RuntimeError("the aggregator writer stopped")
@@ -391,11 +405,25 @@ class Aggregator:
             self.stats.rollups_published += rows.height
 
 
+def config_from_settings(settings: Settings) -> AggregatorConfig:
+    return AggregatorConfig(
+        heartbeat_file=settings.aggregator_heartbeat_file,
+        max_records=settings.aggregator_max_records,
+        max_wait_s=settings.aggregator_max_wait_s,
+        max_pending_rows=settings.aggregator_max_pending_rows,
+        late=LatePolicy(
+            late_window_ms=settings.aggregator_late_window_s * 1000,
+            future_window_ms=settings.aggregator_future_window_s * 1000,
+        ),
+    )
+
+
 def build_aggregator_service(stack: Stack) -> Service:
     return Aggregator(
         stack.kafka_bootstrap,
         stack.topic_prefix,
         stack.clickhouse.client,
         stack.clickhouse.database,
+        config=config_from_settings(stack.settings),
         clock=stack.clock,
     )
