@@ -27,7 +27,11 @@ import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from cryptography.hazmat.primitives import serialization
-from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
 
 from ingest.gateway.controlplane import ControlPlaneClient, ControlPlaneRefused
 from ingest.gateway.metrics import MetricsService
@@ -129,6 +133,37 @@ class AgentGateway(agent_pb2_grpc.AgentServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, session.close_reason)
 
 
+OTLP_EXPORT_SERVICE = "opentelemetry.proto.collector.metrics.v1.MetricsService"
+
+
+def otlp_export_handler(servicer: MetricsService) -> grpc.GenericRpcHandler[Any, Any]:
+    """The standard OTLP `MetricsService/Export`, decoding the request itself: bytes that
+    are not an OTLP request get INVALID_ARGUMENT saying so (the generated handler would
+    answer an opaque INTERNAL "Exception deserializing request")."""
+
+    async def export(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            request = ExportMetricsServiceRequest.FromString(raw)
+        except DecodeError as exc:
+            # Strangers learn nothing about the payload: identity is checked first.
+            await servicer.svc.authenticate(context, "Export")
+            servicer.svc.stats.refuse("otlp:malformed")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request is not an OTLP ExportMetricsServiceRequest: {exc}",
+            )
+        return await servicer.Export(request, context)
+
+    return grpc.method_handlers_generic_handler(
+        OTLP_EXPORT_SERVICE,
+        {
+            "Export": grpc.unary_unary_rpc_method_handler(
+                export, response_serializer=ExportMetricsServiceResponse.SerializeToString
+            )
+        },
+    )
+
+
 class GatewayService:
     name = "gateway"
 
@@ -216,9 +251,7 @@ class GatewayService:
         )
         # Served on both ports (one server); Export itself refuses callers without a
         # valid client certificate, as Connect does.
-        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            MetricsService(self), self._server
-        )
+        self._server.add_generic_rpc_handlers((otlp_export_handler(MetricsService(self)),))
         self.port = self._server.add_secure_port(f"{s.gateway_host}:{s.gateway_port}", mutual)
         self.enroll_port = self._server.add_secure_port(
             f"{s.gateway_host}:{s.gateway_enroll_port}", server_only
