@@ -119,6 +119,50 @@ def run(state_dir: StateDirOption = DEFAULT_STATE_DIR) -> None:
         raise _fail(str(exc)) from None
 
 
+@agent_app.command()
+def telemetry(state_dir: StateDirOption = DEFAULT_STATE_DIR) -> None:
+    """Show the metrics settings, the backlog waiting for the gateway and the probe targets."""
+    import json
+    import time
+
+    from agent.state import AgentStateError, load_config
+    from agent.telemetry.probes import parse_targets
+    from agent.telemetry.queue import inspect_queue
+    from agent.telemetry.service import QUEUE_FILE
+
+    try:
+        config = load_config(state_dir / "agent.toml").telemetry
+    except AgentStateError as exc:
+        raise _fail(str(exc)) from None
+    if not config.enabled:
+        typer.echo("telemetry: disabled in agent.toml")
+    else:
+        typer.echo(f"telemetry: collecting every {config.export_interval_s:g} s")
+    status = inspect_queue(state_dir / QUEUE_FILE)
+    if status is None:
+        typer.echo("queue: none yet")
+    else:
+        age = ""
+        if status.oldest_enqueued_at_ms is not None:
+            age = f", oldest {time.time() - status.oldest_enqueued_at_ms / 1000:.0f} s old"
+        typer.echo(
+            f"queue: {status.depth} collection(s), {status.size_bytes} bytes waiting{age} "
+            f"(bound {config.queue_max_bytes} bytes, {config.queue_max_entries} entries)"
+        )
+        typer.echo("dropped: " + ", ".join(f"{k}={v}" for k, v in sorted(status.dropped.items())))
+    probes = state_dir / config.probes_file
+    try:
+        targets = parse_targets(json.loads(probes.read_bytes()))
+    except FileNotFoundError:
+        typer.echo(f"probes: {probes} does not exist; no site probes")
+    except (OSError, ValueError) as exc:  # ProbeConfigError is a ValueError
+        raise _fail(f"probes: {probes} is not valid: {exc}") from None
+    else:
+        typer.echo(f"probes: {len(targets)} targets in {probes}")
+        for t in targets:
+            typer.echo(f"  {t.site}: {t.url}" + (f" (Host: {t.host})" if t.host else ""))
+
+
 async def _run_until_signalled(runtime: AgentRuntime) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

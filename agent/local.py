@@ -6,7 +6,7 @@ from typing import Any
 
 from agent.enroll import enroll
 from agent.runtime import AgentRuntime
-from agent.state import is_enrolled
+from agent.state import CONFIG_FILE, is_enrolled, load_config
 from yakpanel.services import Service, Stack
 
 
@@ -18,4 +18,11 @@ async def build_local_agent(stack: Stack, enrollment: dict[str, Any]) -> tuple[l
             enrollment["enroll_address"], enrollment["token"], enrollment["ca_pem"], state_dir
         )
         lines.append(f"local agent enrolled as server {identity.server_id}")
+    # Host metrics and site probes start with the runtime (agent.toml's [telemetry]).
+    telemetry = load_config(state_dir / CONFIG_FILE).telemetry
+    if telemetry.enabled:
+        lines.append(
+            f"local agent: host metrics every {telemetry.export_interval_s:g} s, site probes "
+            f"from {state_dir / telemetry.probes_file}"
+        )
     return lines, AgentRuntime(state_dir)

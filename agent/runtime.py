@@ -8,6 +8,10 @@ Session protocol (agent side):
 
 Commands outlive sessions: a command still running when its session drops keeps going,
 and its final result is sent on the next session. The ledger makes redelivery safe.
+
+Metrics (`agent.telemetry`) start and stop with the runtime but go their own way: their
+own RPCs to the gateway's `MetricsService/Export`, a disk queue while it is unreachable,
+and no failure of theirs reaches command execution.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import grpc.aio
 from agent.ledger import Ledger
 from agent.processor import CommandProcessor
 from agent.state import AgentState, load_state
+from agent.telemetry.service import AgentTelemetry
 from engines.base import Engine, EngineRegistry, load_engine
 from engines.system import SystemEngine
 from proto import agent_pb2
@@ -124,11 +129,17 @@ class AgentRuntime:
         self._undelivered: deque[agent_pb2.CommandResult] = deque(maxlen=UNDELIVERED_LIMIT)
         self._draining = False
         self._connected = asyncio.Event()
+        self._telemetry: AgentTelemetry | None = None
 
     @property
     def session_id(self) -> str | None:
         """The current session's id, None while disconnected."""
         return self._session.id if self._session else None
+
+    @property
+    def telemetry(self) -> AgentTelemetry | None:
+        """Host metrics and site probes; None when disabled in agent.toml or not started."""
+        return self._telemetry
 
     @property
     def capabilities(self) -> list[str]:
@@ -184,6 +195,31 @@ class AgentRuntime:
             ", ".join(self._capabilities) or "none",
         )
         self._loop_task = asyncio.create_task(self._connect_loop(), name="agent connect loop")
+        if state.config.telemetry.enabled:
+            await self._start_telemetry(state)
+
+    async def _start_telemetry(self, state: AgentState) -> None:
+        telemetry = AgentTelemetry(
+            state.config.telemetry,
+            state_dir=state.state_dir,
+            server_id=str(state.identity.server_id),
+            hostname=self._hostname,
+            gateway=state.gateway,
+            ca_pem=state.ca_pem,
+            key_pem=state.key_pem,
+            cert_pem=state.cert_pem,
+            max_backoff_s=self._max_backoff_s,
+            clock=self._clock,
+        )
+        try:
+            await telemetry.start()
+        except Exception:
+            # Commands matter more than metrics: run without them.
+            log.exception("telemetry did not start; the agent runs without metrics")
+            with contextlib.suppress(Exception):
+                await telemetry.stop()
+            return
+        self._telemetry = telemetry
 
     async def stop(self) -> None:
         if self._loop_task is None:
@@ -200,6 +236,12 @@ class AgentRuntime:
             await asyncio.wait(set(self._commands), timeout=self._drain_timeout_s)
         await _cancel_and_wait({self._loop_task, *self._commands})
         self._loop_task = None
+        if self._telemetry is not None:
+            telemetry, self._telemetry = self._telemetry, None
+            try:
+                await telemetry.stop()
+            except Exception:
+                log.exception("telemetry did not stop cleanly")
         if self._ledger is not None:
             await asyncio.to_thread(self._ledger.close)
             self._ledger = None

@@ -5,8 +5,11 @@ cert.pem       client certificate naming tenant and server, issued by the intern
 ca.pem         the CA that authenticates the gateway
 signing.pub    raw 32-byte ed25519 key that verifies command envelopes
 identity.json  {tenant_id, server_id, gateway}; its presence means "enrolled"
-agent.toml     operator configuration: approved capabilities, extra engines, gateway
+agent.toml     operator configuration: approved capabilities, extra engines, gateway,
+               telemetry ([telemetry] table, see agent.telemetry.config)
 ledger.sqlite3 executed commands (see agent.ledger)
+telemetry.sqlite3  metrics waiting for the gateway (see agent.telemetry.queue)
+probes.json    site probe targets, written by the site engine (see agent.telemetry.probes)
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import stat
 import tempfile
 import tomllib
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.telemetry.config import TelemetryConfig, parse_telemetry
 from yakpanel.pki import NodeIdentity, identity_of, load_certificate, load_private_key
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,14 @@ engines = []
 
 # Uncomment to override the gateway address recorded at enrollment (HOST:PORT).
 # gateway = "gateway.example.com:7443"
+
+# Host metrics and site probes, sent to the gateway (defaults shown).
+# [telemetry]
+# enabled = true
+# export_interval_s = 10          # collect and queue this often
+# queue_max_bytes = 67108864      # backlog kept on disk while the gateway is unreachable;
+# queue_max_entries = 100000      #   the oldest collections go first when it is full
+# probes_file = "probes.json"     # site probe targets, relative to the state dir
 """
 
 
@@ -74,6 +86,7 @@ class AgentConfig:
     capabilities: frozenset[str]
     engines: tuple[str, ...]
     gateway: str | None
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
 
 @dataclass(frozen=True)
@@ -154,11 +167,11 @@ def load_config(path: Path) -> AgentConfig:
         return AgentConfig(frozenset(DEFAULT_CAPABILITIES), (), None)
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise AgentConfigError(f"{path}: {exc}") from None
-    unknown = set(raw) - {"capabilities", "engines", "gateway"}
+    unknown = set(raw) - {"capabilities", "engines", "gateway", "telemetry"}
     if unknown:
         raise AgentConfigError(
             f"{path}: unknown setting(s) {', '.join(sorted(unknown))}; "
-            "known: capabilities, engines, gateway"
+            "known: capabilities, engines, gateway, telemetry"
         )
     capabilities = raw.get("capabilities", list(DEFAULT_CAPABILITIES))
     engines = raw.get("engines", [])
@@ -168,7 +181,11 @@ def load_config(path: Path) -> AgentConfig:
             raise AgentConfigError(f"{path}: {name} must be a list of non-empty strings")
     if gateway is not None and (not isinstance(gateway, str) or not gateway):
         raise AgentConfigError(f"{path}: gateway must be a non-empty string (HOST:PORT)")
-    return AgentConfig(frozenset(capabilities), tuple(engines), gateway)
+    try:
+        telemetry = parse_telemetry(raw.get("telemetry", {}))
+    except ValueError as exc:
+        raise AgentConfigError(f"{path}: {exc}") from None
+    return AgentConfig(frozenset(capabilities), tuple(engines), gateway, telemetry)
 
 
 def _read(state_dir: Path, name: str) -> bytes:
