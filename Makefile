@@ -9,10 +9,10 @@ STATE_DIR ?= .state
 PYTEST_ARGS ?=
 
 # Debian packages the test suite drives for real (none are needed by `make up`).
-DEB_PACKAGES ?=
+DEB_PACKAGES ?= chromium
 # Debian packages the benchmarks run as peers (`make bench` only): sshd and ssh for
-# bench/commands.py.
-BENCH_DEB_PACKAGES ?= openssh-server openssh-client
+# bench/commands.py; VictoriaMetrics 1.79 and Prometheus 2.42 for bench/ingest.py.
+BENCH_DEB_PACKAGES ?= openssh-server openssh-client victoria-metrics prometheus
 
 .PHONY: help up test lint typecheck unit bench bench-deps system-deps clean
 

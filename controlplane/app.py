@@ -16,6 +16,8 @@ from controlplane.api import (
     health,
     internal,
     members,
+    metrics,
+    noc,
     plans,
     roles,
     servers,
@@ -88,6 +90,8 @@ def create_app(stack: Stack, probes: list[Probe] | None = None) -> FastAPI:
         agents.router,
         audit.router,
         internal.router,
+        noc.router,
+        metrics.router,
     ):
         app.include_router(router)
     return app

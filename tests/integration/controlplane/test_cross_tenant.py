@@ -56,7 +56,7 @@ RESOURCE_PARAMS = frozenset(
 )
 INTERNAL_PREFIX = "/internal/"
 
-Access = Literal["public", "self", "catalogue", "own-tenants", "staff"]
+Access = Literal["public", "self", "catalogue", "own-tenants", "staff", "tenant-param"]
 
 # Routes without `{tenant_id}`: why they cannot reach a tenant's data by path.
 #   public      no principal, no tenant data
@@ -64,6 +64,8 @@ Access = Literal["public", "self", "catalogue", "own-tenants", "staff"]
 #   catalogue   platform-wide data, the same for every caller
 #   own-tenants the caller's tenants only (checked below: A sees only A)
 #   staff       platform staff only (checked below: A's principals get 403)
+#   tenant-param the tenant is the token's own or the `tenant_id` parameter, resolved like
+#               a path's (checked below with TENANT_PARAM_EXAMPLES: B's is 404 as none's)
 NOT_TENANT_SCOPED: dict[tuple[str, str], tuple[Access, str]] = {
     ("GET", "/healthz"): ("public", "liveness; no data"),
     ("GET", "/readyz"): ("public", "reachability of PostgreSQL, Kafka, ClickHouse; no data"),
@@ -84,6 +86,57 @@ NOT_TENANT_SCOPED: dict[tuple[str, str], tuple[Access, str]] = {
     ("PATCH", "/v1/plans/{plan_id}"): ("staff", "platform:plans:write"),
     ("POST", "/v1/tenants"): ("staff", "platform:tenants:write"),
     ("GET", "/v1/audit"): ("staff", "platform:audit:read"),
+    # The NOC pages: HTML for browser sessions (checked below).
+    ("GET", "/noc/login"): ("public", "the NOC login form; no data"),
+    ("POST", "/noc/login"): ("public", "the NOC login form: exchanges credentials for a session"),
+    ("POST", "/noc/logout"): ("self", "ends the caller's own session"),
+    ("GET", "/noc/static/{asset}"): ("public", "the NOC pages' script, stylesheet and icon"),
+    ("GET", "/noc/"): ("own-tenants", "NOC fleet: servers of the caller's tenants (only A)"),
+    ("GET", "/noc/servers/{server_id}"): (
+        "own-tenants",
+        "NOC server page: B's server gets the page of a server that does not exist",
+    ),
+    # Metrics: the tenant comes from the token or the `tenant_id` parameter.
+    ("GET", "/v1/metrics/query_range"): ("tenant-param", "bucketed metric values"),
+    ("GET", "/v1/metrics/series"): ("tenant-param", "the tenant's series"),
+    ("GET", "/v1/metrics/labels"): ("tenant-param", "the tenant's label names"),
+    ("GET", "/v1/metrics/labels/{name}/values"): ("tenant-param", "the tenant's label values"),
+    ("GET", "/prometheus/api/v1/query"): ("tenant-param", "PromQL instant query"),
+    ("POST", "/prometheus/api/v1/query"): ("tenant-param", "PromQL instant query"),
+    ("GET", "/prometheus/api/v1/query_range"): ("tenant-param", "PromQL range query"),
+    ("POST", "/prometheus/api/v1/query_range"): ("tenant-param", "PromQL range query"),
+    ("GET", "/prometheus/api/v1/series"): ("tenant-param", "series by match[]"),
+    ("POST", "/prometheus/api/v1/series"): ("tenant-param", "series by match[]"),
+    ("GET", "/prometheus/api/v1/labels"): ("tenant-param", "label names"),
+    ("POST", "/prometheus/api/v1/labels"): ("tenant-param", "label names"),
+    ("GET", "/prometheus/api/v1/label/{name}/values"): ("tenant-param", "label values"),
+    ("POST", "/prometheus/api/v1/label/{name}/values"): ("tenant-param", "label values"),
+    ("GET", "/prometheus/api/v1/status/buildinfo"): ("public", "API level and version; no data"),
+}
+
+# A valid request (path parameters, then query string or form) for every `tenant-param`
+# route; `tenant_id` is added by the check.
+TENANT_PARAM_EXAMPLES: dict[tuple[str, str], tuple[dict[str, str], dict[str, str]]] = {
+    ("GET", "/v1/metrics/query_range"): ({}, {"metric": "http_requests", "step": "60"}),
+    ("GET", "/v1/metrics/series"): ({}, {}),
+    ("GET", "/v1/metrics/labels"): ({}, {}),
+    ("GET", "/v1/metrics/labels/{name}/values"): ({"name": "server_id"}, {}),
+    ("GET", "/prometheus/api/v1/query"): ({}, {"query": '{__name__=~".+"}'}),
+    ("POST", "/prometheus/api/v1/query"): ({}, {"query": '{__name__=~".+"}'}),
+    ("GET", "/prometheus/api/v1/query_range"): (
+        {},
+        {"query": "up", "start": "1700000000", "end": "1700003600", "step": "60"},
+    ),
+    ("POST", "/prometheus/api/v1/query_range"): (
+        {},
+        {"query": "up", "start": "1700000000", "end": "1700003600", "step": "60"},
+    ),
+    ("GET", "/prometheus/api/v1/series"): ({}, {"match[]": '{__name__=~".+"}'}),
+    ("POST", "/prometheus/api/v1/series"): ({}, {"match[]": '{__name__=~".+"}'}),
+    ("GET", "/prometheus/api/v1/labels"): ({}, {}),
+    ("POST", "/prometheus/api/v1/labels"): ({}, {}),
+    ("GET", "/prometheus/api/v1/label/{name}/values"): ({"name": "server_id"}, {}),
+    ("POST", "/prometheus/api/v1/label/{name}/values"): ({"name": "server_id"}, {}),
 }
 
 # Routes for other YakPanel services (the gateway), authenticated by the shared internal
@@ -249,11 +302,16 @@ def coverage_problems(eps: list[Endpoint]) -> list[str]:
             )
         elif NOT_TENANT_SCOPED[ep.key][0] == "staff" and ep.has_body and ep.key not in STAFF_BODIES:
             problems.append(f"{ep} is staff-only and takes a body; add it to STAFF_BODIES")
+        elif NOT_TENANT_SCOPED[ep.key][0] == "tenant-param" and (
+            ep.key not in TENANT_PARAM_EXAMPLES
+        ):
+            problems.append(f"{ep} takes its tenant as a parameter; add TENANT_PARAM_EXAMPLES")
     tables: dict[str, Collection[tuple[str, str]]] = {
         "NOT_TENANT_SCOPED": NOT_TENANT_SCOPED,
         "INTERNAL": INTERNAL,
         "BODIES": BODIES,
         "STAFF_BODIES": STAFF_BODIES,
+        "TENANT_PARAM_EXAMPLES": TENANT_PARAM_EXAMPLES,
     }
     for name, table in tables.items():
         for method, path in sorted(set(table) - keys):
@@ -537,6 +595,32 @@ async def test_platform_routes_do_not_reach_other_tenants(api: Api) -> None:
             assert r.status_code == 200, r.text
             assert not _leaks(r.text, b.marks), f"{who}: {path}: {r.text}"
 
+        # The NOC pages (HTML for a browser session): nothing of B on the fleet, and B's
+        # server page is the very page of a server that does not exist. An API token is
+        # not a browser session: it is sent to the login form.
+        noc_pages = [
+            key
+            for key, (access, _) in NOT_TENANT_SCOPED.items()
+            if access == "own-tenants" and key[1].startswith("/noc/")
+        ]
+        assert noc_pages
+        for key in noc_pages:
+            ep = eps[key]
+            url = fill(ep.path, b.ids)
+            r = await client.request(ep.method, url)
+            assert not _leaks(r.text, b.marks), f"{who}: {url} shows B: {r.text}"
+            if "token" in who:
+                assert r.status_code == 303, f"{who}: {url}: {r.status_code}"
+                assert r.headers["location"].startswith("/noc/login"), r.headers
+            elif ep.params:
+                nowhere = fill(ep.path, {k: phantom(k, v) for k, v in b.ids.items()})
+                expected = await client.request(ep.method, nowhere)
+                assert r.status_code == expected.status_code == 404, f"{who}: {url}: {r.text}"
+                assert r.text == expected.text, f"{who}: {url} tells B's server from none"
+            else:
+                assert r.status_code == 200, f"{who}: {url}: {r.text}"
+                assert a.ids["server_id"] in r.text  # control: A's own server is there
+
         # The internal routes are for services: a tenant's principal is not one.
         for key in INTERNAL:
             ep = eps[key]
@@ -564,3 +648,47 @@ async def test_platform_routes_do_not_reach_other_tenants(api: Api) -> None:
     assert next(p for p in (await staff.get("/v1/plans")).json() if p["id"] == starter["id"]) == (
         starter
     )
+
+
+async def _tenant_param_request(
+    client: Client, ep: Endpoint, tenant_id: str | None
+) -> httpx.Response:
+    path_values, params = TENANT_PARAM_EXAMPLES[ep.key]
+    url = fill(ep.path, path_values)
+    query = {"tenant_id": tenant_id} if tenant_id else {}
+    if ep.method == "POST":
+        return await client.request(ep.method, url, params=query, data=params)
+    return await client.request(ep.method, url, params={**query, **params})
+
+
+async def test_tenant_parameter_routes_do_not_reach_other_tenants(api: Api) -> None:
+    """Routes whose tenant is the token's own or a `tenant_id` parameter: B's tenant gets
+    exactly the answer of a tenant that does not exist (404), A's own gets 200."""
+    a = await seed(api, await api.create_tenant())
+    b = await seed(api, await api.create_tenant())
+    a_token = await api.token(a.tenant, sorted(TENANT_PERMISSIONS))
+    principals = {
+        "A's owner (session)": a.tenant.owner,
+        "A's token (all scopes)": api.token_client(a_token),
+    }
+    eps = [
+        ep
+        for ep in endpoints(create_app(api.stack))
+        if NOT_TENANT_SCOPED.get(ep.key, ("", ""))[0] == "tenant-param"
+    ]
+    assert eps
+    for who, client in principals.items():
+        for ep in eps:
+            r = await _tenant_param_request(client, ep, b.tenant.id)
+            nowhere = await _tenant_param_request(client, ep, str(uuid.uuid4()))
+            assert r.status_code == nowhere.status_code == 404, f"{who}: {ep}: {r.text}"
+            assert not _leaks(r.text, b.marks), f"{who}: {ep} leaked: {r.text}"
+            body, control = r.json(), nowhere.json()
+            body.pop("instance", None)
+            control.pop("instance", None)
+            assert body == control, f"{who}: {ep} tells B from no tenant: {body} {control}"
+            # Control: A's own tenant (a token's by default, a session's by naming it).
+            own = None if "token" in who else a.tenant.id
+            r = await _tenant_param_request(client, ep, own)
+            assert r.status_code == 200, f"{who}: {ep} on A's own: {r.text}"
+            assert not _leaks(r.text, b.marks), f"{who}: {ep} shows B: {r.text}"
