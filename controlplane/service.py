@@ -65,7 +65,13 @@ class ApiService:
         return self.public_url or f"http://{self.host}:{self.port}"
 
     def endpoints(self) -> dict[str, str]:
-        return {"api": self.url, "readiness": f"{self.url}/readyz", "api docs": f"{self.url}/docs"}
+        return {
+            "api": self.url,
+            "readiness": f"{self.url}/readyz",
+            "api docs": f"{self.url}/docs",
+            "NOC dashboards": f"{self.url}/noc/",
+            "Prometheus-compatible API (Grafana)": f"{self.url}/prometheus",
+        }
 
 
 def build_api_service(stack: Stack) -> Service:
