@@ -1,7 +1,13 @@
 """`python -m bench`: run every benchmark module in bench/ and pass its JSON lines through.
 
-`python -m bench NAME …` runs only the named ones. A benchmark that fails makes the
-run fail, after the others have run.
+`python -m bench NAME …` runs only the named ones; arguments after `--` go to each of
+them (`python -m bench ingest -- --series 20000`; see `python -m bench.NAME --help`).
+A benchmark that fails makes the run fail, after the others have run. Modules whose name
+starts with `_` are helpers, not benchmarks.
+
+Benchmarks: `foundation` (embedded Kafka, ClickHouse, PostgreSQL baselines), `commands`
+(command round trips against SSH), `ingest` (metrics end to end against VictoriaMetrics
+and Prometheus), `query`.
 """
 
 from __future__ import annotations
@@ -14,10 +20,13 @@ HERE = Path(__file__).resolve().parent
 
 
 def main(argv: list[str]) -> int:
+    extra: list[str] = []
+    if "--" in argv:
+        argv, extra = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
     names = argv or sorted(p.stem for p in HERE.glob("*.py") if not p.stem.startswith("_"))
     failed = []
     for name in names:
-        result = subprocess.run([sys.executable, "-m", f"bench.{name}"], cwd=HERE.parent)
+        result = subprocess.run([sys.executable, "-m", f"bench.{name}", *extra], cwd=HERE.parent)
         if result.returncode != 0:
             failed.append(name)
     if failed:

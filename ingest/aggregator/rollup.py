@@ -57,12 +57,17 @@ class LatePolicy:
 
 @dataclass(frozen=True)
 class AggregateBatch:
-    """What one batch writes: the samples kept, and each tier's partial rollups."""
+    """What one batch writes: the samples kept, and each tier's partial rollups.
+
+    `series` describes the batch's series (series_id, tenant_id, server_id, metric,
+    labels) when `samples` lacks those columns (`SampleBatchBuilder.samples()`).
+    """
 
     samples: pl.DataFrame
     rollups: dict[str, pl.DataFrame]
     late_dropped: int
     future_dropped: int
+    series: pl.DataFrame | None = None
 
     @property
     def row_count(self) -> int:
@@ -78,8 +83,10 @@ def split_by_time(samples: pl.DataFrame, policy: LatePolicy) -> tuple[pl.DataFra
     late = pl.col("ts") < reference - policy.late_window_ms
     future = pl.col("ts") > reference + policy.future_window_ms
     counts = samples.select(late.sum().alias("late"), future.sum().alias("future"))
-    kept = samples.filter(~late & ~future)
-    return kept, int(counts["late"][0]), int(counts["future"][0])
+    n_late, n_future = int(counts["late"][0]), int(counts["future"][0])
+    if n_late == 0 and n_future == 0:
+        return samples, 0, 0  # the usual case: no copy of the (wide) frame
+    return samples.filter(~late & ~future), n_late, n_future
 
 
 def rollup(samples: pl.DataFrame, tier_seconds: int) -> pl.DataFrame:
@@ -105,11 +112,41 @@ def rollup(samples: pl.DataFrame, tier_seconds: int) -> pl.DataFrame:
     )
 
 
+def merge_partials(partials: pl.DataFrame, tier_seconds: int) -> pl.DataFrame:
+    """Partials of a finer tier merged into `tier_seconds` buckets, which must be whole
+    multiples of the finer ones: the same rows `rollup` makes from the samples (up to
+    the order of floating-point additions in `sum`), from fewer input rows."""
+    return (
+        partials.with_columns(bucket=(pl.col("bucket") // tier_seconds) * tier_seconds)
+        .group_by(list(ROLLUP_KEYS))
+        .agg(
+            min=pl.col("min").min(),
+            max=pl.col("max").max(),
+            sum=pl.col("sum").sum(),
+            count=pl.col("count").sum(),
+            last_ts=pl.col("last_ts").max(),
+            last_value=pl.col("last_value").sort_by(["last_ts", "last_value"]).last(),
+            retention_days=pl.col("retention_days").max(),
+        )
+        .sort(list(ROLLUP_KEYS))
+    )
+
+
 def aggregate(
     samples: pl.DataFrame,
     policy: LatePolicy = LatePolicy(),
     tiers: tuple[RollupTier, ...] = TIERS,
+    series: pl.DataFrame | None = None,
 ) -> AggregateBatch:
     kept, late, future = split_by_time(samples, policy)
-    rollups = {tier.name: rollup(kept, tier.seconds) for tier in tiers}
-    return AggregateBatch(kept, rollups, late, future)
+    rollups: dict[str, pl.DataFrame] = {}
+    finest: tuple[int, pl.DataFrame] | None = None
+    for tier in tiers:
+        if finest is not None and tier.seconds % finest[0] == 0:
+            # A coarser tier merges the finest partials: fewer rows than the samples.
+            rollups[tier.name] = merge_partials(finest[1], tier.seconds)
+        else:
+            rollups[tier.name] = rollup(kept, tier.seconds)
+            if finest is None:
+                finest = (tier.seconds, rollups[tier.name])
+    return AggregateBatch(kept, rollups, late, future, series)

@@ -13,7 +13,8 @@ ClickHouse Kafka Connect sink keeps the same kind of state for the same reason).
 `metric_series` is a ReplacingMergeTree on `last_seen`: the newest row wins merges, so each
 row must carry the true `first_seen`. The writer remembers the series it wrote (bounded),
 reads `first_seen` of the ones it does not know, and rewrites a series row only when its
-`last_seen` moved by more than `series_refresh_ms`.
+`last_seen` moved by more than `series_refresh_ms`. The check is one join per batch, so a
+batch of known series costs no Python work per series.
 """
 
 from __future__ import annotations
@@ -29,6 +30,29 @@ from ingest.aggregator.rollup import TIERS, AggregateBatch, RollupTier
 from ingest.metrics_schema import BATCHES_TABLE, RAW_TABLE, SERIES_TABLE
 
 _MS = pl.Datetime("ms", "UTC")
+# Column types of the inserts made from Python rows (ingest/schema): given, they spare
+# clickhouse-connect a DESCRIBE TABLE round trip per insert.
+_BATCH_COLUMNS = ["topic", "partition", "first_offset", "last_offset", "first_timestamp"]
+_BATCH_TYPES = ["String", "UInt32", "UInt64", "UInt64", "Int64"]
+_SERIES_COLUMNS = [
+    "tenant_id",
+    "series_id",
+    "metric",
+    "labels",
+    "server_id",
+    "first_seen",
+    "last_seen",
+]
+_SERIES_TYPES = [
+    "UUID",
+    "UInt64",
+    "LowCardinality(String)",
+    "Map(LowCardinality(String), String)",
+    "UUID",
+    "DateTime64(3, 'UTC')",
+    "DateTime64(3, 'UTC')",
+]
+_KNOWN_SCHEMA = {"series_id": pl.UInt64, "known_first": pl.Int64, "known_last": pl.Int64}
 
 
 @dataclass(frozen=True)
@@ -84,8 +108,8 @@ class ClickHouseWriter:
         self.tiers = tiers
         self.series_refresh_ms = series_refresh_ms
         self.series_cache_size = series_cache_size
-        # series_id -> (first_seen, last_seen written) in unix ms
-        self._series: dict[int, tuple[int, int]] = {}
+        # series_id, known_first, known_last: first_seen and last_seen written, unix ms
+        self._known = pl.DataFrame(schema=_KNOWN_SCHEMA)
 
     def _table(self, name: str) -> str:
         return f"`{self.database}`.{name}"
@@ -113,7 +137,7 @@ class ClickHouseWriter:
     def write(self, batch: AggregateBatch, source: BatchSource) -> WriteReport:
         started = time.perf_counter()
         self._record_intent(source)
-        series_rows = self._write_series(batch.samples, source)
+        series_rows = self._write_series(batch.samples, source, batch.series)
         raw = batch.samples.select("tenant_id", "series_id", pl.col("ts").cast(_MS), "value")
         self._insert_frame(RAW_TABLE, raw, source.token("raw"))
         rollup_rows = 0
@@ -163,75 +187,74 @@ class ClickHouseWriter:
                     source.first_timestamp,
                 ]
             ],
-            column_names=["topic", "partition", "first_offset", "last_offset", "first_timestamp"],
+            column_names=_BATCH_COLUMNS,
+            column_type_names=_BATCH_TYPES,
             settings={"insert_deduplication_token": source.token("intent")},
         )
 
-    def _write_series(self, samples: pl.DataFrame, source: BatchSource) -> int:
+    def _write_series(
+        self, samples: pl.DataFrame, source: BatchSource, series: pl.DataFrame | None = None
+    ) -> int:
+        """Writes the batch's series rows that are new or due a refresh. The series'
+        description comes from `series` or, when it is None, from the samples' columns."""
         if samples.is_empty():
             return 0
         seen = samples.group_by("series_id").agg(
-            pl.col("tenant_id").first(),
-            pl.col("server_id").first(),
-            pl.col("metric").first(),
-            pl.col("labels").first(),
-            first_seen=pl.col("ts").min(),
-            last_seen=pl.col("ts").max(),
+            first_seen=pl.col("ts").min(), last_seen=pl.col("ts").max()
         )
-        due = [
-            row
-            for row in seen.iter_rows(named=True)
-            if (known := self._series.get(row["series_id"])) is None
-            or row["first_seen"] < known[0]
-            or row["last_seen"] - known[1] >= self.series_refresh_ms
-        ]
-        if not due:
+        due = seen.join(self._known, on="series_id", how="left").filter(
+            pl.col("known_first").is_null()
+            | (pl.col("first_seen") < pl.col("known_first"))
+            | (pl.col("last_seen") - pl.col("known_last") >= self.series_refresh_ms)
+        )
+        if due.is_empty():
             return 0
-        stored = self._stored_first_seen(
-            [r["series_id"] for r in due if r["series_id"] not in self._series]
+        unknown = due.filter(pl.col("known_first").is_null())["series_id"].to_list()
+        stored = self._stored_first_seen(unknown)
+        stored_frame = pl.DataFrame(
+            {"series_id": list(stored), "stored_first": list(stored.values())},
+            schema={"series_id": pl.UInt64, "stored_first": pl.Int64},
         )
-        rows = []
-        updates: dict[int, tuple[int, int]] = {}
-        for r in due:
-            sid = r["series_id"]
-            known = self._series.get(sid)
-            firsts = [r["first_seen"]]
-            if known is not None:
-                firsts.append(known[0])
-            if sid in stored:
-                firsts.append(stored[sid])
-            first = min(firsts)
-            last = max(r["last_seen"], known[1] if known else r["last_seen"])
-            labels = {item["key"]: item["value"] for item in r["labels"]}
-            rows.append(
-                [
-                    r["tenant_id"],
-                    sid,
-                    r["metric"],
-                    labels,
-                    r["server_id"],
-                    _datetime_ms(first),
-                    _datetime_ms(last),
-                ]
+        due = due.join(stored_frame, on="series_id", how="left").select(
+            "series_id",
+            first=pl.min_horizontal("first_seen", "known_first", "stored_first"),
+            last=pl.max_horizontal("last_seen", "known_last"),
+        )
+        if series is None:
+            series = (
+                samples.filter(pl.col("series_id").is_in(due["series_id"].implode()))
+                .group_by("series_id")
+                .agg(pl.col("tenant_id", "server_id", "metric", "labels").first())
             )
-            updates[sid] = (first, last)
+        described = due.join(
+            series.select("series_id", "tenant_id", "server_id", "metric", "labels"),
+            on="series_id",
+            how="left",
+        )
+        rows = [
+            [
+                r["tenant_id"],
+                r["series_id"],
+                r["metric"],
+                {item["key"]: item["value"] for item in r["labels"]},
+                r["server_id"],
+                _datetime_ms(r["first"]),
+                _datetime_ms(r["last"]),
+            ]
+            for r in described.iter_rows(named=True)
+        ]
         self.client.insert(
             self._table(SERIES_TABLE),
             rows,
-            column_names=[
-                "tenant_id",
-                "series_id",
-                "metric",
-                "labels",
-                "server_id",
-                "first_seen",
-                "last_seen",
-            ],
+            column_names=_SERIES_COLUMNS,
+            column_type_names=_SERIES_TYPES,
             settings={"insert_deduplication_token": source.token("series")},
         )
-        if len(self._series) + len(updates) > self.series_cache_size:
-            self._series.clear()
-        self._series.update(updates)
+        updates = due.select("series_id", known_first="first", known_last="last")
+        known = self._known
+        if known.height + updates.height > self.series_cache_size:
+            known = known.clear()
+        self._known = pl.concat([known.join(updates, on="series_id", how="anti"), updates])
         return len(rows)
 
     def _stored_first_seen(self, series_ids: list[int]) -> dict[int, int]:

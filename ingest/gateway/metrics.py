@@ -10,6 +10,10 @@ Limits, each per tenant (settings `otlp_max_request_bytes`, `otlp_max_datapoints
 `otlp_max_new_series_per_hour`): request size, data points per request and new series per
 rolling hour. The series budget is kept in this gateway process, so with N gateways a
 tenant may mint up to N times the limit.
+
+Agents send the same series request after request, so the series keys of a gauge or sum
+are cached per (server, metric name, exact attribute bytes of its points): counting and
+keying its points then costs no Python work per point.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import httpx
 from aiokafka.errors import KafkaError
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
@@ -53,6 +58,77 @@ def data_points(metric: Metric) -> Iterator[Iterable[KeyValue]]:
         return
     for point in getattr(metric, kind).data_points:
         yield point.attributes
+
+
+def _points_attributes_type() -> Any:
+    """A view of a Gauge's or Sum's bytes keeping only each data point's attributes (field
+    7 of NumberDataPoint), as raw bytes: with unknown fields discarded it serialises to
+    the same bytes exactly when the points carry the same attributes in the same order."""
+    name = "yakpanel/ingest/gateway/lite.proto"
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindFileByName(name)
+    except KeyError:
+        f = descriptor_pb2.FileDescriptorProto(
+            name=name, package="yakpanel.gateway.lite", syntax="proto3"
+        )
+        point = f.message_type.add(name="PointAttributes")
+        point.field.add(
+            name="attributes",
+            number=7,
+            label=descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED,
+            type=descriptor_pb2.FieldDescriptorProto.TYPE_BYTES,
+        )
+        points = f.message_type.add(name="PointsAttributes")
+        points.field.add(
+            name="data_points",
+            number=1,
+            label=descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED,
+            type=descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE,
+            type_name=".yakpanel.gateway.lite.PointAttributes",
+        )
+        pool.Add(f)
+    return message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("yakpanel.gateway.lite.PointsAttributes")
+    )
+
+
+_PointsAttributes = _points_attributes_type()
+
+
+class MetricSeries:
+    """(data points, series keys) of a metric, cached for gauges and sums."""
+
+    def __init__(self, max_points: int = 2_000_000) -> None:
+        self.max_points = max_points
+        self._cache: dict[tuple[uuid.UUID, str, bytes], tuple[int, frozenset[bytes]]] = {}
+        self._points = 0
+
+    def of(self, server_id: uuid.UUID, metric: Metric) -> tuple[int, frozenset[bytes]]:
+        kind = metric.WhichOneof("data")
+        if kind not in ("gauge", "sum"):
+            return self._compute(server_id, metric)
+        view = _PointsAttributes.FromString(getattr(metric, kind).SerializeToString())
+        view.DiscardUnknownFields()
+        key = (server_id, metric.name, view.SerializeToString())
+        found = self._cache.get(key)
+        if found is None:
+            found = self._compute(server_id, metric)
+            if self._points + found[0] > self.max_points:
+                self._cache.clear()
+                self._points = 0
+            self._cache[key] = found
+            self._points += found[0]
+        return found
+
+    @staticmethod
+    def _compute(server_id: uuid.UUID, metric: Metric) -> tuple[int, frozenset[bytes]]:
+        points = 0
+        keys = set()
+        for attributes in data_points(metric):
+            points += 1
+            keys.add(series_key(server_id, metric.name, attributes))
+        return points, frozenset(keys)
 
 
 def series_key(server_id: uuid.UUID, name: str, attributes: Iterable[KeyValue]) -> bytes:
@@ -105,6 +181,7 @@ class MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
         self.max_request_bytes = s.otlp_max_request_bytes
         self.max_datapoints = s.otlp_max_datapoints
         self.series = SeriesBudget(s.otlp_max_new_series_per_hour)
+        self.metric_series = MetricSeries()
 
     async def _refuse(
         self,
@@ -150,9 +227,9 @@ class MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
                             "unnamed_metric",
                             "every metric needs a name",
                         )
-                    for attributes in data_points(metric):
-                        points += 1
-                        keys.add(series_key(server_id, metric.name, attributes))
+                    count, metric_keys = self.metric_series.of(server_id, metric)
+                    points += count
+                    keys.update(metric_keys)
         if points > self.max_datapoints:
             await self._refuse(
                 context,
