@@ -174,5 +174,14 @@ def _mount_agent() -> None:
 _mount_agent()
 
 
+def _mount_rules() -> None:
+    from alerting.cli import rules_app
+
+    app.add_typer(rules_app, name="rules", help="Check and unit-test alerting rule files.")
+
+
+_mount_rules()
+
+
 def main() -> None:  # pragma: no cover - console entry point
     sys.exit(app())

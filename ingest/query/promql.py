@@ -5,8 +5,8 @@ steps; an instant query is one). Selectors read the tier chosen for what they fe
 
 - an instant selector (lookback 5 min) reads the coarsest tier with resolution ≤ step
   (raw samples in an instant query);
-- `rate`, `increase`, `delta`, `irate`, `idelta` read one with resolution ≤ min(step,
-  range/4), so that a window holds several samples;
+- `rate`, `increase`, `delta`, `irate`, `idelta` (and `changes`, `resets`, `deriv`) read
+  one with resolution ≤ min(step, range/4), so that a window holds several samples;
 - `<aggr>_over_time` read one with resolution ≤ min(step, range): they use the groups'
   min/max/sum/count, so whole groups inside a window give exact answers;
 - in an instant query, range functions over windows up to an hour read raw samples.
@@ -55,7 +55,9 @@ from ingest.query.windows import (
     extrapolated_rate,
     instant_rate,
     last_value,
+    linear_regression,
     over_time,
+    value_changes,
 )
 
 DEFAULT_LOOKBACK_MS = 5 * 60 * 1000
@@ -74,6 +76,8 @@ _OPS = (
 
 # Range functions: how they read their window, and the tier resolution they can use.
 _SAMPLE_FUNCTIONS = {"rate", "increase", "delta", "irate", "idelta"}
+# Read sample by sample too: rollup groups count as one sample (their last value).
+_TREND_FUNCTIONS = {"changes", "resets", "deriv"}
 _OVER_TIME = {
     "avg_over_time": "avg",
     "min_over_time": "min",
@@ -263,7 +267,7 @@ class Evaluation:
         step_s = self.step_ms / 1000 if self.step_ms else math.inf
         if not self.step_ms and range_ms <= RAW_INSTANT_WINDOW_MS:
             target = 0.0  # an instant query over a short window: exact raw samples
-        elif name in _SAMPLE_FUNCTIONS:
+        elif name in _SAMPLE_FUNCTIONS or name in _TREND_FUNCTIONS:
             target = min(step_s, range_ms / 4000)
         else:
             target = min(step_s, range_ms / 1000)
@@ -279,6 +283,10 @@ class Evaluation:
             values, present = instant_rate(samples, w, True)
         elif name == "idelta":
             values, present = instant_rate(samples, w, False)
+        elif name in ("changes", "resets"):
+            values, present = value_changes(samples, w, name == "resets")
+        elif name == "deriv":
+            values, present = linear_regression(samples, w)
         else:
             values, present = over_time(samples, w, _OVER_TIME[name])
         labels = samples.labels
@@ -344,13 +352,14 @@ class Evaluation:
     def call(self, expr: pp.Call) -> Vector | Scalar:
         name = expr.func.name
         args = list(expr.args)
-        if name in _SAMPLE_FUNCTIONS or name in _OVER_TIME:
-            arg = args[0]
-            if isinstance(arg, pp.SubqueryExpr):
-                raise unsupported("subqueries (expr[range:step])")
-            if not isinstance(arg, pp.MatrixSelector):
-                raise bad_data(f"{name}() expects a range vector selector such as foo[5m]")
-            return self.range_function(name, arg)
+        if name in _SAMPLE_FUNCTIONS or name in _OVER_TIME or name in _TREND_FUNCTIONS:
+            return self.range_function(name, self._range_arg(name, args[0]))
+        if name == "absent_over_time":
+            arg = self._range_arg(name, args[0])
+            seen = self.range_function("present_over_time", arg)
+            missing = np.asarray(~seen.present.any(axis=0))
+            labels = _absent_labels(arg.vector_selector)
+            return Vector([labels], np.ones((1, self.steps)), missing[None, :]).compact()
         if name in _MATH:
             return _map(self._vector(args[0], f"the argument of {name}()"), _MATH[name])
         if name == "time":
@@ -382,6 +391,14 @@ class Evaluation:
             return histogram_quantile(phi, self._vector(args[1], "the buckets"))
         raise unsupported(f"the function {name}()")
 
+    @staticmethod
+    def _range_arg(name: str, arg: pp.Expr) -> pp.MatrixSelector:
+        if isinstance(arg, pp.SubqueryExpr):
+            raise unsupported("subqueries (expr[range:step])")
+        if not isinstance(arg, pp.MatrixSelector):
+            raise bad_data(f"{name}() expects a range vector selector such as foo[5m]")
+        return arg
+
     def _clamp(self, name: str, args: list[pp.Expr]) -> Vector:
         v = self._vector(args[0], f"the argument of {name}()")
         if name == "clamp":
@@ -397,19 +414,7 @@ class Evaluation:
 
     def _absent(self, arg: pp.Expr) -> Vector:
         v = self._vector(arg, "the argument of absent()")
-        labels: Labels = ()
-        if isinstance(arg, pp.VectorSelector):
-            equal: dict[str, str] = {}
-            seen: set[str] = set()
-            for m in _matchers(arg):
-                if m.name == METRIC_LABEL:
-                    continue
-                if m.op == "=" and m.name not in seen:
-                    equal[m.name] = m.value
-                else:
-                    equal.pop(m.name, None)
-                seen.add(m.name)
-            labels = tuple(sorted(equal.items()))
+        labels = _absent_labels(arg) if isinstance(arg, pp.VectorSelector) else ()
         missing = np.asarray(~v.present.any(axis=0))
         return Vector([labels], np.ones((1, self.steps)), missing[None, :]).compact()
 
@@ -462,6 +467,22 @@ class Evaluation:
         if op in SET_OPERATORS:
             return set_operation(op, lhs, rhs, matching)
         return vector_vector(op, lhs, rhs, matching, return_bool)
+
+
+def _absent_labels(vs: pp.VectorSelector) -> Labels:
+    """What `absent`/`absent_over_time` answer with: the selector's equality matchers
+    (a label also matched by another operator or twice is left out), as Prometheus."""
+    equal: dict[str, str] = {}
+    has: set[str] = set()
+    for m in _matchers(vs):
+        if m.name == METRIC_LABEL:
+            continue
+        if m.op == "=" and m.name not in has:
+            equal[m.name] = m.value
+            has.add(m.name)
+        else:
+            equal.pop(m.name, None)
+    return tuple(sorted(equal.items()))
 
 
 def _map(v: Vector, fn: Callable[[F64], F64]) -> Vector:

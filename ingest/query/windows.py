@@ -231,3 +231,45 @@ def instant_rate(s: Samples, w: Windows, per_second: bool) -> tuple[F64, Bool]:
             result = np.where(v1 < v0, v1, result) / dt
         out = np.where(ok, result, 0.0)
     return np.asarray(out, dtype=np.float64), ok
+
+
+def value_changes(s: Samples, w: Windows, resets_only: bool) -> tuple[F64, Bool]:
+    """`changes` (the value differs from the previous sample) and `resets` (it dropped)
+    counted over consecutive samples inside each window. A rollup group whose last value
+    is below its max restarted inside itself: `resets` counts that too."""
+    ok = w.count > 0
+    flags = np.zeros(len(s), dtype=np.float64)
+    if len(s) > 1:
+        v = s.value
+        same = s.index[1:] == s.index[:-1]
+        if resets_only:
+            flags[1:] = same & ((v[1:] < v[:-1]) | (v[1:] < s.max[1:]))
+        else:
+            both_nan = np.isnan(v[1:]) & np.isnan(v[:-1])
+            flags[1:] = same & (v[1:] != v[:-1]) & ~both_nan
+    prefix = np.concatenate([[0.0], np.cumsum(flags)])
+    first = np.minimum(w.lo + 1, w.hi)  # pairs (j - 1, j) with both samples in the window
+    out = np.where(ok, prefix[w.hi] - prefix[first], 0.0)
+    return np.asarray(out, dtype=np.float64), ok
+
+
+def linear_regression(s: Samples, w: Windows) -> tuple[F64, Bool]:
+    """`deriv`: the least-squares slope (per second) of value over time in each window
+    with at least two samples. Times are centred per window before summing, so long
+    ranges far from the epoch keep full precision."""
+    slope = np.zeros(w.lo.shape, dtype=np.float64)
+    ok = w.count >= 2
+    for i in np.flatnonzero(ok.any(axis=1)):
+        n = np.where(ok[i], w.count[i], 0)
+        lo = np.where(ok[i], w.lo[i], 0)
+        widest = int(n.max())
+        inside = np.arange(widest)[None, :] < n[:, None]
+        idx = np.where(inside, lo[:, None] + np.arange(widest)[None, :], 0)
+        t = np.where(inside, (s.ts[idx] - s.ts[lo][:, None]) / 1000.0, 0.0)
+        v = np.where(inside, s.value[idx], 0.0)
+        count = np.maximum(n, 1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            dt = np.where(inside, t - (t.sum(axis=1) / count)[:, None], 0.0)
+            dv = np.where(inside, v - (v.sum(axis=1) / count)[:, None], 0.0)
+            slope[i] = (dt * dv).sum(axis=1) / (dt * dt).sum(axis=1)
+    return slope, ok
