@@ -30,7 +30,40 @@ def encode_partials(
     rows: pl.DataFrame, tier: str, source: BatchSource
 ) -> list[tuple[bytes, bytes]]:
     """(key, value) records for the partial rollups of one batch (see `rollup.rollup`)."""
+    if rows.is_empty():
+        return []
     origin = origin_of(source)
+    finite = rows.select(
+        pl.all_horizontal(pl.col("min", "max", "sum", "last_value").is_finite().all())
+    ).item()
+    if not finite:
+        # JSON has no NaN or infinity: the standard encoder refuses them, as before.
+        return _encode_rows(rows, tier, origin)
+    # The same JSON as `json.dumps(value, separators=(",", ":"))`, encoded by polars.
+    sid = pl.col("series_id").cast(pl.String)
+    encoded = rows.select(
+        sid.cast(pl.Binary).alias("key"),
+        pl.struct(
+            pl.col("tenant_id"),
+            sid.alias("series_id"),
+            pl.lit(tier).alias("tier"),
+            pl.col("bucket"),
+            pl.col("min"),
+            pl.col("max"),
+            pl.col("sum"),
+            pl.col("count"),
+            pl.col("last_ts"),
+            pl.col("last_value"),
+            pl.lit(origin).alias("source"),
+        )
+        .struct.json_encode()
+        .cast(pl.Binary)
+        .alias("value"),
+    )
+    return list(zip(encoded["key"].to_list(), encoded["value"].to_list(), strict=True))
+
+
+def _encode_rows(rows: pl.DataFrame, tier: str, origin: str) -> list[tuple[bytes, bytes]]:
     records = []
     for r in rows.iter_rows(named=True):
         sid = str(r["series_id"])

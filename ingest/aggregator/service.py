@@ -34,6 +34,7 @@ from typing import Any, ParamSpec, TypeVar
 import polars as pl
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from ingest.aggregator.batching import BatchAssembler, PartitionKey, SealedBatch
@@ -109,6 +110,10 @@ class Aggregator:
         self._client: Any = None
         self._writer: ClickHouseWriter | None = None
         self._task: asyncio.Task[None] | None = None
+        # The partition of each live-rollup key (series ids repeat batch after batch).
+        self._partitioner = DefaultPartitioner()
+        self._partition_of: dict[bytes, int] = {}
+        self._partition_count = 0
 
     # --- Service ---------------------------------------------------------------------
 
@@ -162,7 +167,11 @@ class Aggregator:
             try:
                 await ensure_topics(self.bootstrap, self.prefix, (METRICS, METRICS_DLQ, ROLLUPS))
                 producer = AIOKafkaProducer(
-                    bootstrap_servers=self.bootstrap, acks="all", linger_ms=5
+                    bootstrap_servers=self.bootstrap,
+                    acks="all",
+                    linger_ms=5,
+                    # Live partials go out in batches of this size (`_send_keyed`).
+                    max_batch_size=256 * 1024,
                 )
                 await producer.start()
                 consumer = AIOKafkaConsumer(
@@ -341,7 +350,9 @@ class Aggregator:
 
     def _aggregate_and_write(self, batch: SealedBatch) -> tuple[AggregateBatch, WriteReport]:
         assert self._writer is not None
-        aggregated = aggregate(batch.builder.frame(), self.config.late)
+        builder = batch.builder
+        # Samples without their series columns; the series once each, on the side.
+        aggregated = aggregate(builder.samples(), self.config.late, series=builder.series_frame())
         return aggregated, self._writer.write(aggregated, batch.source)
 
     async def _write(
@@ -392,10 +403,9 @@ class Aggregator:
         if rows is None or rows.is_empty():
             return
         try:
-            futures = [
-                await producer.send(self.rollups_topic, value=value, key=key)
-                for key, value in encode_partials(rows, FINEST.name, source)
-            ]
+            futures = await self._send_keyed(
+                producer, self.rollups_topic, encode_partials(rows, FINEST.name, source)
+            )
             await asyncio.gather(*futures)
         except KafkaError as exc:
             # The rows are in ClickHouse; live views catch up from the next partials.
@@ -403,6 +413,35 @@ class Aggregator:
             log.warning("publishing live rollups of %s failed: %s", origin_of(source), exc)
         else:
             self.stats.rollups_published += rows.height
+
+    async def _send_keyed(
+        self, producer: AIOKafkaProducer, topic: str, records: list[tuple[bytes, bytes]]
+    ) -> list[asyncio.Future[Any]]:
+        """Sends keyed records as `producer.send` would (the default partitioner on the
+        key), appended to one batch per partition instead of one call per record."""
+        partitions = sorted(await producer.partitions_for(topic))
+        if len(partitions) != self._partition_count:
+            self._partition_of.clear()
+            self._partition_count = len(partitions)
+        if len(self._partition_of) > 1_000_000:
+            self._partition_of.clear()
+        partition_of = self._partition_of
+        batches: dict[int, Any] = {}
+        futures: list[asyncio.Future[Any]] = []
+        for key, value in records:
+            partition = partition_of.get(key)
+            if partition is None:
+                partition = partition_of[key] = self._partitioner(key, partitions, partitions)
+            batch = batches.get(partition)
+            if batch is None:
+                batch = batches[partition] = producer.create_batch()
+            if batch.append(key=key, value=value, timestamp=None) is None:
+                futures.append(await producer.send_batch(batch, topic, partition=partition))
+                batch = batches[partition] = producer.create_batch()
+                batch.append(key=key, value=value, timestamp=None)
+        for partition, batch in batches.items():
+            futures.append(await producer.send_batch(batch, topic, partition=partition))
+        return futures
 
 
 def config_from_settings(settings: Settings) -> AggregatorConfig:
