@@ -1,4 +1,5 @@
-"""The outbox relay: publishes committed domain events to `yak.events.v1`.
+"""The outbox relay: publishes committed outbox rows to their topics (domain events to
+`yak.events.v1`, command envelopes, alert transitions).
 
 One relay is active at a time (a PostgreSQL advisory lock held on its connection), so
 events leave in outbox order and per-aggregate order holds. An event is marked
@@ -21,12 +22,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from psycopg.rows import dict_row
 
-from yakpanel.topics import COMMANDS, EVENTS, ensure_topics
+from yakpanel.topics import ALERTS, COMMANDS, EVENTS, ensure_topics
 
 log = logging.getLogger(__name__)
 
 RELAY_LOCK_KEY = 0x59414B52454C4159
-RELAYED_TOPICS = (EVENTS, COMMANDS)
+RELAYED_TOPICS = (EVENTS, COMMANDS, ALERTS)
 
 
 @dataclass

@@ -54,6 +54,7 @@ SERVICE_FACTORIES: dict[str, str] = {
     "worker": "controlplane.worker:build_worker_service",
     "gateway": "ingest.gateway.service:build_gateway_service",
     "aggregator": "ingest.aggregator.service:build_aggregator_service",
+    "alerting": "alerting.service:build_alerting_service",
 }
 
 # What each service talks to, so `serve NAME` asks only for the DSNs that one needs (the
@@ -63,6 +64,7 @@ SERVICE_NEEDS: dict[str, frozenset[str]] = {
     "worker": frozenset({"postgres", "kafka"}),
     "gateway": frozenset({"kafka"}),
     "aggregator": frozenset({"kafka", "clickhouse"}),
+    "alerting": frozenset({"postgres", "kafka", "clickhouse"}),
 }
 
 

@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     aggregator_late_window_s: int = Field(default=600, ge=0, le=7 * 86400)
     aggregator_future_window_s: int = Field(default=600, ge=0, le=86400)
     aggregator_heartbeat_file: Path | None = None
+    alerting_tick_s: float = Field(default=1.0, gt=0, le=60)
+    alerting_default_interval_s: float = Field(default=60.0, gt=0, le=86400)
 
     worker_heartbeat_file: Path | None = None
 
