@@ -11,8 +11,9 @@ PYTEST_ARGS ?=
 # Debian packages the test suite drives for real (none are needed by `make up`).
 DEB_PACKAGES ?= chromium
 # Debian packages the benchmarks run as peers (`make bench` only): sshd and ssh for
-# bench/commands.py; VictoriaMetrics 1.79 and Prometheus 2.42 for bench/ingest.py.
-BENCH_DEB_PACKAGES ?= openssh-server openssh-client victoria-metrics prometheus
+# bench/commands.py; VictoriaMetrics 1.79 and Prometheus 2.42 for bench/ingest.py;
+# Prometheus 2.42 + Alertmanager 0.25 for bench/alert_latency.py.
+BENCH_DEB_PACKAGES ?= openssh-server openssh-client victoria-metrics prometheus prometheus-alertmanager
 
 .PHONY: help up test lint typecheck unit bench bench-deps system-deps clean
 

@@ -7,7 +7,8 @@ starts with `_` are helpers, not benchmarks.
 
 Benchmarks: `foundation` (embedded Kafka, ClickHouse, PostgreSQL baselines), `commands`
 (command round trips against SSH), `ingest` (metrics end to end against VictoriaMetrics
-and Prometheus), `query`.
+and Prometheus), `query` (metrics query latency), `alert_latency` (sample to webhook
+against Prometheus + Alertmanager).
 """
 
 from __future__ import annotations
