@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from controlplane.access.credentials import LoginThrottle
 from controlplane.api import (
     agents,
+    alerting,
     audit,
     auth,
     health,
@@ -92,6 +93,7 @@ def create_app(stack: Stack, probes: list[Probe] | None = None) -> FastAPI:
         internal.router,
         noc.router,
         metrics.router,
+        alerting.router,
     ):
         app.include_router(router)
     return app

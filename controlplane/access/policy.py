@@ -31,6 +31,14 @@ class Quota:
 # Resources counted against a plan limit when created. Later capabilities add theirs.
 QUOTAS: dict[str, Quota] = {
     "servers": Quota("max_servers", "SELECT count(*) AS n FROM servers WHERE tenant_id = %s"),
+    # Rules, not groups: one write may add many. The alerting API checks the tenant's
+    # whole rule set after the change (`alerting.rules.check_rule_limit`), so it does not
+    # go through `check_quota`'s one-more-item test.
+    "alert_rules": Quota(
+        "max_alert_rules",
+        "SELECT coalesce(sum(jsonb_array_length(spec->'rules')), 0) AS n"
+        " FROM alert_rule_groups WHERE tenant_id = %s",
+    ),
 }
 
 # Writes still allowed in these states, so that a tenant can pay or cancel deletion.

@@ -52,7 +52,17 @@ MEMBER_PASSWORD = "member-password-123"
 
 # Path parameters the sweep can fill with a resource of tenant B (created by `seed`).
 RESOURCE_PARAMS = frozenset(
-    {TENANT, "server_id", "role_id", "token_id", "user_id", "serial", "command_id"}
+    {
+        TENANT,
+        "server_id",
+        "role_id",
+        "token_id",
+        "user_id",
+        "serial",
+        "command_id",
+        "group_name",
+        "silence_id",
+    }
 )
 INTERNAL_PREFIX = "/internal/"
 
@@ -189,6 +199,25 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
         "type": "system.reboot",
         "payload": {},
         "idempotency_key": "intruder",
+    },
+    ("POST", "/v1/tenants/{tenant_id}/alerting/rule-groups"): {
+        "name": "intruder",
+        "rules": [{"alert": "Intruder", "expr": "vector(1)"}],
+    },
+    ("PUT", "/v1/tenants/{tenant_id}/alerting/rule-groups/{group_name}"): {
+        "rules": [{"alert": "Hijacked", "expr": "vector(1)"}],
+    },
+    ("POST", "/v1/tenants/{tenant_id}/alerting/rule-files"): {
+        "groups": [{"name": "intruder-file", "rules": [{"alert": "Intruder", "expr": "vector(1)"}]}]
+    },
+    ("PUT", "/v1/tenants/{tenant_id}/alerting/notification-config"): {
+        "route": {"receiver": "intruder"},
+        "receivers": [{"name": "intruder", "urls": ["json://intruder.example/hook"]}],
+    },
+    ("POST", "/v1/tenants/{tenant_id}/alerting/silences"): {
+        "matchers": ['alertname=~".+"'],
+        "ends_at": "2099-01-01T00:00:00Z",
+        "comment": "silenced by another tenant",
     },
 }
 
@@ -394,6 +423,30 @@ async def seed(api: Api, t: Tenant) -> Seeded:
     )
     assert r.status_code == 202, r.text
     command = r.json()
+    # Alerting: a rule group, a silence and a notification config naming the tenant.
+    alerting = f"{base}/alerting"
+    rules = [{"alert": "SiteDown", "expr": f'yakpanel_site_up{{site="{tag}"}} == 0'}]
+    group = await _created(
+        await c.post(f"{alerting}/rule-groups", json={"name": f"{tag}-group", "rules": rules})
+    )
+    silence = await _created(
+        await c.post(
+            f"{alerting}/silences",
+            json={
+                "matchers": [f'who="{tag}"'],
+                "ends_at": "2099-01-01T00:00:00Z",
+                "comment": f"silence of {tag}",
+            },
+        )
+    )
+    r = await c.put(
+        f"{alerting}/notification-config",
+        json={
+            "route": {"receiver": tag},
+            "receivers": [{"name": tag, "urls": [f"json://{tag}.example/hook"]}],
+        },
+    )
+    assert r.status_code == 200, r.text
 
     me = (await c.get("/v1/auth/me")).json()
     ids = {
@@ -404,6 +457,8 @@ async def seed(api: Api, t: Tenant) -> Seeded:
         "user_id": member["user_id"],
         "serial": certificate["serial"],
         "command_id": command["id"],
+        "group_name": group["name"],
+        "silence_id": silence["id"],
     }
     assert set(ids) == RESOURCE_PARAMS
     # The slug is part of every name, email, label and payload above, so it covers them.
