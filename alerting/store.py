@@ -30,12 +30,14 @@ from alerting.receivers import Sealer, SecretURL
 from alerting.routing import NotificationConfig, parse_config
 from alerting.rules import RuleError, RuleGroup, parse_rule_groups, rules_to_dict
 from alerting.silences import Silence
-from alerting.state import GroupState, Transition
+from alerting.state import AlertState, GroupState, Transition
+from yakpanel.ids import new_id
 from yakpanel.topics import ALERTS
 
 APP_ROLE = "yakpanel_app"
 SEALED = "$sealed"
 TRANSITION_EVENT = "alert.transition"
+ALERT_RESOLVED = "alert resolved"  # the resolution of an incident its alert resolved
 
 Conn = AsyncConnection[dict[str, Any]]
 
@@ -400,7 +402,68 @@ async def _record(
                 t.at,
             ),
         )
+        await _incident(conn, tenant_id, t)
     return recorded
+
+
+async def _incident(conn: Conn, tenant_id: str, t: Transition) -> None:
+    """The incident side of a newly recorded transition (table `incidents` of
+    `controlplane/schema/0007_incidents.sql`): an alert that starts firing opens an
+    incident unless one is unresolved (its timeline notes the new firing then); an alert
+    that resolves resolves its incident (resolution 'alert resolved')."""
+    if t.to_state is AlertState.FIRING:
+        row = await _unresolved_incident(conn, tenant_id, t.fingerprint)
+        if row is not None:
+            await _incident_event(
+                conn, tenant_id, row["id"], "reopened", f"the alert fired again ({t.key})", t.at
+            )
+            return
+        incident = new_id()
+        await conn.execute(
+            """INSERT INTO incidents (tenant_id, id, fingerprint, alertname, labels, severity,
+                   state, opened_at) VALUES (%s, %s, %s, %s, %s, %s, 'open', %s)""",
+            (
+                tenant_id,
+                incident,
+                t.fingerprint,
+                t.alertname,
+                Jsonb(dict(t.labels)),
+                t.labels.get("severity"),
+                t.at,
+            ),
+        )
+        await _incident_event(conn, tenant_id, incident, "opened", f"{t.alertname} firing", t.at)
+    elif t.to_state is AlertState.RESOLVED:
+        row = await _unresolved_incident(conn, tenant_id, t.fingerprint)
+        if row is None:
+            return
+        await _incident_event(conn, tenant_id, row["id"], "alert_resolved", None, t.at)
+        await conn.execute(
+            """UPDATE incidents SET state = 'resolved', resolved_at = %s, resolved_by = NULL,
+                   resolution = %s WHERE tenant_id = %s AND id = %s""",
+            (t.at, ALERT_RESOLVED, tenant_id, row["id"]),
+        )
+        await _incident_event(conn, tenant_id, row["id"], "resolved", ALERT_RESOLVED, t.at)
+
+
+async def _unresolved_incident(conn: Conn, tenant_id: str, fp: str) -> dict[str, Any] | None:
+    return await (
+        await conn.execute(
+            """SELECT id FROM incidents WHERE tenant_id = %s AND fingerprint = %s
+               AND state <> 'resolved' FOR UPDATE""",
+            (tenant_id, fp),
+        )
+    ).fetchone()
+
+
+async def _incident_event(
+    conn: Conn, tenant_id: str, incident: Any, kind: str, text: str | None, at: datetime
+) -> None:
+    await conn.execute(
+        """INSERT INTO incident_events (tenant_id, id, incident_id, kind, author, text, at)
+           VALUES (%s, %s, %s, %s, NULL, %s, %s)""",
+        (tenant_id, new_id(), incident, kind, text, at),
+    )
 
 
 def _transition(tenant_id: str, r: Mapping[str, Any]) -> Transition:

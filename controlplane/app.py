@@ -15,10 +15,12 @@ from controlplane.api import (
     audit,
     auth,
     health,
+    incidents,
     internal,
     members,
     metrics,
     noc,
+    noc_alerts,
     plans,
     roles,
     servers,
@@ -92,8 +94,10 @@ def create_app(stack: Stack, probes: list[Probe] | None = None) -> FastAPI:
         audit.router,
         internal.router,
         noc.router,
+        noc_alerts.router,
         metrics.router,
         alerting.router,
+        incidents.router,
     ):
         app.include_router(router)
     return app

@@ -25,6 +25,7 @@ import secrets
 import uuid
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import fastapi.routing
@@ -34,6 +35,9 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute, Route
 
+from alerting.evaluator import GroupEvaluation
+from alerting.state import AlertState, GroupState, Transition, fingerprint
+from alerting.store import AlertStore
 from controlplane.access.permissions import TENANT_PERMISSIONS
 from controlplane.api.internal import INTERNAL_HEADER
 from controlplane.app import create_app
@@ -62,6 +66,7 @@ RESOURCE_PARAMS = frozenset(
         "command_id",
         "group_name",
         "silence_id",
+        "incident_id",
     }
 )
 INTERNAL_PREFIX = "/internal/"
@@ -105,6 +110,19 @@ NOT_TENANT_SCOPED: dict[tuple[str, str], tuple[Access, str]] = {
     ("GET", "/noc/servers/{server_id}"): (
         "own-tenants",
         "NOC server page: B's server gets the page of a server that does not exist",
+    ),
+    ("GET", "/noc/alerts"): ("own-tenants", "NOC alerts: alerts of the caller's tenants (only A)"),
+    ("GET", "/noc/alerts/{tenant}/{fingerprint}"): (
+        "own-tenants",
+        "NOC alert page: B's alert gets the page of an alert that does not exist",
+    ),
+    ("POST", "/noc/alerts/{tenant}/{fingerprint}/silences"): (
+        "own-tenants",
+        "NOC silence form: B's alert is 404 as none's, before the form is read",
+    ),
+    ("POST", "/noc/alerts/{tenant}/{fingerprint}/silences/{silence_id}/expire"): (
+        "own-tenants",
+        "NOC expire button: B's alert is 404 as none's, before the form is read",
     ),
     # Metrics: the tenant comes from the token or the `tenant_id` parameter.
     ("GET", "/v1/metrics/query_range"): ("tenant-param", "bucketed metric values"),
@@ -218,6 +236,13 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
         "matchers": ['alertname=~".+"'],
         "ends_at": "2099-01-01T00:00:00Z",
         "comment": "silenced by another tenant",
+    },
+    ("POST", "/v1/tenants/{tenant_id}/incidents/{incident_id}/assign"): {"user_id": None},
+    ("POST", "/v1/tenants/{tenant_id}/incidents/{incident_id}/notes"): {
+        "text": "noted by another tenant"
+    },
+    ("POST", "/v1/tenants/{tenant_id}/incidents/{incident_id}/resolve"): {
+        "comment": "resolved by another tenant"
     },
 }
 
@@ -447,6 +472,8 @@ async def seed(api: Api, t: Tenant) -> Seeded:
         },
     )
     assert r.status_code == 200, r.text
+    # An incident, opened by a firing transition recorded through the alert store.
+    incident = await open_incident(api, t.id, {"alertname": "SiteDown", "site": tag})
 
     me = (await c.get("/v1/auth/me")).json()
     ids = {
@@ -459,11 +486,55 @@ async def seed(api: Api, t: Tenant) -> Seeded:
         "command_id": command["id"],
         "group_name": group["name"],
         "silence_id": silence["id"],
+        "incident_id": incident,
     }
     assert set(ids) == RESOURCE_PARAMS
     # The slug is part of every name, email, label and payload above, so it covers them.
     found = {me["id"], t.slug, token["prefix"], certificate["fingerprint"]}
     return Seeded(t, ids, {*ids.values(), *found})
+
+
+async def open_incident(api: Api, tenant_id: str, labels: dict[str, str]) -> str:
+    """Record a firing transition the alerting service's way; returns the incident."""
+    at = datetime.now(UTC)
+    fp = fingerprint(tenant_id, "g/SiteDown", labels)
+    firing = Transition(
+        tenant_id, fp, "g/SiteDown", "g", "SiteDown", labels, {},
+        AlertState.PENDING, AlertState.FIRING, at, 1.0, at,
+    )  # fmt: skip
+    store = AlertStore(api.stack.postgres_dsn)
+    await store.open()
+    try:
+        await store.save_evaluation(tenant_id, "g", GroupEvaluation(at, GroupState({}), (firing,)))
+        async with store.tenant(tenant_id) as conn:
+            row = await (
+                await conn.execute(
+                    "SELECT id FROM incidents WHERE tenant_id = %s AND fingerprint = %s",
+                    (tenant_id, fp),
+                )
+            ).fetchone()
+    finally:
+        await store.close()
+    assert row is not None
+    return str(row["id"])
+
+
+async def noc_alert(api: Api, tenant_id: str) -> str:
+    """A firing alert in the tenant's state, stored the alerting service's way."""
+    from alerting.state import Alert, RuleState
+
+    at = datetime.now(UTC)
+    labels = {"alertname": "NocDown", "tenant": tenant_id}
+    fp = fingerprint(tenant_id, "noc/NocDown", labels)
+    alert = Alert(fp, "noc/NocDown", labels, {}, AlertState.FIRING, 1.0, at, at, fired_at=at)
+    state = GroupState({"noc/NocDown": RuleState("noc/NocDown", {fp: alert}, "ok", None, at)})
+    store = AlertStore(api.stack.postgres_dsn)
+    await store.open()
+    try:
+        await store.save_evaluation(tenant_id, "noc", GroupEvaluation(at, state, ()))
+    finally:
+        await store.close()
+    return fp
 
 
 def phantom(param: str, real: str) -> str:
@@ -627,6 +698,11 @@ async def test_platform_routes_do_not_reach_other_tenants(api: Api) -> None:
     plans = (await a.tenant.owner.get("/v1/plans")).json()
     values = {"plan_id": next(p["id"] for p in plans if p["code"] == "starter")}
 
+    # A firing alert in each tenant, for the NOC alert pages.
+    a_alert = await noc_alert(api, a.tenant.id)
+    b_noc = {**b.ids, "tenant": b.tenant.id, "fingerprint": await noc_alert(api, b.tenant.id)}
+    b.marks.add(b_noc["fingerprint"])
+
     staff_routes = [k for k, (access, _) in NOT_TENANT_SCOPED.items() if access == "staff"]
     assert staff_routes
     for who, client in principals.items():
@@ -661,20 +737,21 @@ async def test_platform_routes_do_not_reach_other_tenants(api: Api) -> None:
         assert noc_pages
         for key in noc_pages:
             ep = eps[key]
-            url = fill(ep.path, b.ids)
+            url = fill(ep.path, b_noc)
             r = await client.request(ep.method, url)
             assert not _leaks(r.text, b.marks), f"{who}: {url} shows B: {r.text}"
             if "token" in who:
                 assert r.status_code == 303, f"{who}: {url}: {r.status_code}"
                 assert r.headers["location"].startswith("/noc/login"), r.headers
             elif ep.params:
-                nowhere = fill(ep.path, {k: phantom(k, v) for k, v in b.ids.items()})
+                nowhere = fill(ep.path, {k: phantom(k, v) for k, v in b_noc.items()})
                 expected = await client.request(ep.method, nowhere)
                 assert r.status_code == expected.status_code == 404, f"{who}: {url}: {r.text}"
                 assert r.text == expected.text, f"{who}: {url} tells B's server from none"
             else:
                 assert r.status_code == 200, f"{who}: {url}: {r.text}"
-                assert a.ids["server_id"] in r.text  # control: A's own server is there
+                # control: A's own server (fleet) or alert (alerts) is there
+                assert a.ids["server_id"] in r.text or a_alert in r.text
 
         # The internal routes are for services: a tenant's principal is not one.
         for key in INTERNAL:
