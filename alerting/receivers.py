@@ -40,7 +40,7 @@ _MASK = "****"
 
 
 class Sealer(Protocol):
-    """What encrypts secrets at rest (controlplane's SecretBox fits)."""
+    """What encrypts secrets at rest (`yakpanel.secretbox.SecretBox` fits)."""
 
     def seal(self, plaintext: bytes, context: str) -> bytes: ...
     def open(self, sealed: bytes, context: str) -> bytes: ...

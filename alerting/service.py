@@ -46,6 +46,7 @@ from alerting.state import Alert, AlertState, GroupState, Transition
 from alerting.store import AlertStore, StoredState
 from ingest.query import ClickHouseStore, MetricsQueries, MetricStore
 from yakpanel.clock import Clock, SystemClock
+from yakpanel.secretbox import SecretBox
 from yakpanel.service_secrets import load_master_key
 from yakpanel.services import Stack
 
@@ -425,9 +426,7 @@ class AlertingService:
 def build_alerting_service(stack: Stack) -> AlertingService:
     """The service for `yakpanel up` / `serve alerting`: rules read through the query
     layer on the stack's ClickHouse; receiver URLs opened with the master key."""
-    # The control plane seals receiver URLs with its SecretBox; the same key opens them.
-    from controlplane.crypto import SecretBox
-
+    # The control plane seals receiver URLs with this box; the same key opens them.
     settings = stack.settings
     return AlertingService(
         stack.postgres_dsn,
