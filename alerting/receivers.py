@@ -109,7 +109,8 @@ def _analyse(url: str) -> tuple[str, set[str]]:
     secrets = {password} if password else set()
     segments = parts.path.split("/")
     if scheme in _ADDRESS_SCHEMES:
-        # Webhook paths often carry the token (…/services/T0/B0/XXXX): mask what looks like one.
+        # Webhook paths often carry the token (Slack: /services/<team>/<bot>/<token>): mask
+        # what looks like one.
         hidden = [s for s in segments if _looks_like_token(unquote(s))]
     else:
         hidden = [s for s in segments if s]

@@ -43,6 +43,7 @@ JSON lines: `ingest.yakpanel`, `ingest.victoriametrics`, `ingest.prometheus`,
 
 from __future__ import annotations
 
+import abc
 import argparse
 import asyncio
 import base64
@@ -506,7 +507,7 @@ def latency_fields(latencies_ms: list[float], sent: int) -> dict[str, Any]:
     }
 
 
-class System:
+class System(abc.ABC):
     """One system under test: started, fed through `load_specs`, observed, stopped."""
 
     name = ""
@@ -518,32 +519,39 @@ class System:
         self.progress = Progress()
         self.monitor = Monitor()
 
+    @abc.abstractmethod
     def start(self) -> None:
-        raise NotImplementedError
+        """Overridden by each system."""
 
+    @abc.abstractmethod
     def stop(self) -> None:
-        raise NotImplementedError
+        """Overridden by each system."""
 
+    @abc.abstractmethod
     def target(self) -> str:
-        raise NotImplementedError
+        """Overridden by each system."""
 
+    @abc.abstractmethod
     def agent_specs(self) -> list[AgentSpec]:
-        raise NotImplementedError
+        """Overridden by each system."""
 
     def ca_pem(self) -> bytes:
         return b""
 
     def check(self) -> None:
-        """Raise if a service died."""
+        """Raise if a service died (an optional hook: nothing to check by default)."""
+        return None
 
+    @abc.abstractmethod
     def queryable_total(self, horizon_s: float) -> int:
-        raise NotImplementedError
+        """Overridden by each system."""
 
     def extra(self) -> dict[str, Any]:
         return {}
 
     def on_measure_start(self) -> None:
-        """Called when the saturation window opens."""
+        """Called when the saturation window opens (an optional hook)."""
+        return None
 
 
 def run_load(system: System, params: Params, fixed_rate: float | None) -> dict[str, Any]:
@@ -1087,7 +1095,7 @@ def deb_version(package: str) -> str:
     return out.stdout.strip() or "unknown"
 
 
-class Peer(System):
+class Peer(System, abc.ABC):
     protocol = "remote_write"
     binary = ""
     package = ""
@@ -1105,11 +1113,13 @@ class Peer(System):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @abc.abstractmethod
     def command(self) -> list[str]:
-        raise NotImplementedError
+        """Overridden by each system."""
 
+    @abc.abstractmethod
     def ready_path(self) -> str:
-        raise NotImplementedError
+        """Overridden by each system."""
 
     def start(self) -> None:
         import httpx
