@@ -9,7 +9,7 @@ STATE_DIR ?= .state
 PYTEST_ARGS ?=
 
 # Debian packages the test suite drives for real (none are needed by `make up`).
-DEB_PACKAGES ?= chromium
+DEB_PACKAGES ?= chromium nginx-light mariadb-server redis-server pebble pure-ftpd
 # Debian packages the benchmarks run as peers (`make bench` only): sshd and ssh for
 # bench/commands.py; VictoriaMetrics 1.79 and Prometheus 2.42 for bench/ingest.py;
 # Prometheus 2.42 + Alertmanager 0.25 for bench/alert_latency.py.
