@@ -39,6 +39,8 @@ SERVICE_FIXTURES = {
     "clickhouse_root": "clickhouse",
     "clickhouse_target": "clickhouse",
     "ch_client": "clickhouse",
+    "mariadb_server": "mariadb",
+    "redis_server": "redis",
 }
 
 TEMPLATE_DB = "yak_template"
