@@ -64,9 +64,15 @@ SECURITY_HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
 }
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
-# Where the login form may send the browser afterwards: NOC pages only.
+# Where the login form may send the browser afterwards: a NOC page of this site, as a
+# path of known shape (never `//host` or a scheme: the login must not redirect off-site).
 _LOGIN_TOKEN = re.compile(r"^[A-Za-z0-9_-]{43}$")
-_NEXT_URL = re.compile(r"^/noc/(servers/[0-9a-f-]{36})?(\?[A-Za-z0-9=&_.%-]{0,200})?$")
+_NEXT_URL = re.compile(
+    r"^/noc/(servers/[0-9a-f-]{36}"
+    r"|alerts(/[0-9a-f-]{36}/[0-9a-f]{32})?"
+    r"|incidents(/[0-9a-f-]{36}/[0-9a-f-]{36})?)?"
+    r"(\?[A-Za-z0-9=&_.%-]{0,200})?\Z"
+)
 
 
 # --- responses --------------------------------------------------------------------------

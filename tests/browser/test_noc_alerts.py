@@ -1,9 +1,11 @@
 """The NOC alert pages in a real browser: log in, read the alerts, open one, silence it
-through the form and see the silence listed, then expire it — with no console error (a
-CSP violation is one)."""
+through the form and see the silence listed, then expire it; follow a link to an alert
+through the login form, acknowledge its incident and add a note — with no console error
+(a CSP violation is one)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -83,5 +85,69 @@ async def test_alerts_list_detail_and_silence_form(api: Api, chromium: Any) -> N
     await page.goto(f"{api.url}/noc/alerts/{tenant.id}/{firing}")
     await page.get_by_role("button", name="Expire").click()
     await expect(page.locator("#silences")).to_contain_text("No silence matches this alert.")
+    await context.close()
+    assert problems == []
+
+
+async def test_acknowledge_and_note_from_the_alert_page(api: Api, chromium: Any) -> None:
+    from playwright.async_api import expect
+
+    tenant = await api.create_tenant()
+    firing, _ = await seed_alerts(api, tenant, "web-1")
+    alert_url = f"{api.url}/noc/alerts/{tenant.id}/{firing}"
+
+    context = await chromium.new_context()
+    page = await context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    problems: list[str] = []
+    page.on(
+        "console",
+        lambda m: (
+            problems.append(f"console {m.type}: {m.text} ({m.location})")
+            if m.type == "error"
+            else None
+        ),
+    )
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("requestfailed", lambda req: problems.append(f"request failed: {req.url}"))
+
+    # A link to the alert without a session: the login form, then back to the alert.
+    await page.goto(alert_url)
+    await expect(page).to_have_url(re.compile(r"/noc/login\?next="))
+    await page.get_by_label("Email").fill(tenant.owner_email)
+    await page.get_by_label("Password").fill(OWNER_PASSWORD)
+    await page.get_by_role("button", name="Log in").click()
+    await expect(page).to_have_url(alert_url)
+
+    incident = page.locator("#incident")
+    await expect(page.locator("#incident-state")).to_have_text("open")
+    await expect(page.locator("#timeline")).to_contain_text("HostLoadHigh firing")
+    await incident.get_by_role("button", name="Acknowledge").click()
+    await expect(page).to_have_url(alert_url)
+    await expect(page.locator("#incident-state")).to_have_text("acknowledged")
+    entry = page.locator("#timeline tbody tr.event-acknowledged")
+    await expect(entry).to_contain_text(tenant.owner_email)
+    await expect(incident.get_by_role("button", name="Acknowledge")).to_have_count(0)
+
+    # A note, then assign to oneself: both on the timeline, the assignee shown.
+    await page.get_by_label("Note").fill("looking at the backup job")
+    await page.get_by_role("button", name="Add note").click()
+    await expect(page.locator("#timeline tbody tr.event-note")).to_contain_text(
+        "looking at the backup job"
+    )
+    await page.get_by_label("Assign to").select_option(label=tenant.owner_email)
+    await page.get_by_role("button", name="Assign", exact=True).click()
+    await expect(page.locator("#incident-assignee")).to_have_text(tenant.owner_email)
+
+    [stored] = db_rows(api, "SELECT state, assignee FROM incidents WHERE tenant_id = %s", tenant.id)
+    assert stored["state"] == "acknowledged" and stored["assignee"] is not None
+
+    # The list shows it, and links to the incidents page, where it is listed.
+    await page.goto(f"{api.url}/noc/alerts")
+    row = page.locator(f'tr[data-fingerprint="{firing}"]')
+    await expect(row).to_contain_text("acknowledged")
+    await page.get_by_role("link", name="Incidents", exact=True).click()
+    await expect(page).to_have_url(f"{api.url}/noc/incidents")
+    await expect(page.locator("#incidents tbody tr").first).to_contain_text("acknowledged")
     await context.close()
     assert problems == []

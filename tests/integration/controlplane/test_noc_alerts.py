@@ -8,6 +8,7 @@ import re
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlencode
 
 import psycopg
 import pytest
@@ -95,7 +96,7 @@ async def test_alert_pages_visibility_and_silencing(api: Api) -> None:
     # Without a session: the login form; the live refresh gets 401.
     anonymous = api.client()
     r = await anonymous.get("/noc/alerts")
-    assert (r.status_code, r.headers["location"]) == (303, "/noc/login")
+    assert (r.status_code, r.headers["location"]) == (303, "/noc/login?next=%2Fnoc%2Falerts")
     r = await anonymous.get("/noc/alerts?fragment=rows")
     assert r.status_code == 401
 
@@ -211,3 +212,276 @@ async def test_alert_pages_visibility_and_silencing(api: Api) -> None:
     r = await staff.get(f"/noc/alerts/{b.id}/{b_fp}")
     assert r.status_code == 200
     assert 'id="silence-form"' not in r.text  # staff reads, does not write
+
+
+# --- incidents (issue #6) ------------------------------------------------------------------
+
+
+async def incident_of(client: Client, t: Tenant, fp: str) -> dict[str, Any]:
+    """The alert's incident as the API shows it (with the timeline)."""
+    r = await client.get(f"/v1/tenants/{t.id}/incidents")
+    assert r.status_code == 200, r.text
+    [item] = [i for i in r.json()["items"] if i["fingerprint"] == fp]
+    r = await client.get(f"/v1/tenants/{t.id}/incidents/{item['id']}")
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def section(html: str, element_id: str) -> str:
+    """The element with that id, up to its closing tag (tables, sections, dd)."""
+    match = re.search(rf'<(\w+)[^>]*id="{element_id}"[^>]*>.*?</\1>', html, re.S)
+    assert match is not None, f"no #{element_id} in the page"
+    return match.group(0)
+
+
+def alert_row(html: str, fp: str) -> str:
+    match = re.search(rf'<tr[^>]*data-fingerprint="{fp}".*?</tr>', html, re.S)
+    assert match is not None, f"no row for {fp}"
+    return match.group(0)
+
+
+async def test_incident_worked_on_from_the_alert_page(api: Api) -> None:
+    a = await api.create_tenant()
+    b = await api.create_tenant()
+    a_fp, _ = await seed_alerts(api, a, "web-1")
+    b_fp, _ = await seed_alerts(api, b, "db-1")
+    me = (await a.owner.get("/v1/auth/me")).json()["id"]
+    incident = await incident_of(a.owner, a, a_fp)
+    iid = incident["id"]
+    actions = f"/noc/incidents/{a.id}/{iid}"
+    page = f"/noc/alerts/{a.id}/{a_fp}"
+
+    # The alert's page shows its incident, open, with the timeline and the forms.
+    r = await a.owner.get(page)
+    assert r.status_code == 200, r.text
+    assert_page_headers(r)
+    panel = section(r.text, "incident")
+    assert f'data-incident-id="{iid}"' in panel
+    assert ">open</span>" in panel
+    assert "HostLoadHigh firing" in section(r.text, "timeline")
+    assert f'action="{actions}/acknowledge"' in panel
+    token = csrf_of(r.text)
+    # The list shows each alert's incident state, linked to the incident.
+    r = await a.owner.get("/noc/alerts")
+    row = alert_row(r.text, a_fp)
+    assert 'data-incident-state="open"' in row and f'href="{actions}"' in row
+    assert 'href="/noc/incidents"' in r.text
+
+    # Without the CSRF token, or with a forged one: refused, nothing changes.
+    for form in ({"from": "alert"}, {"from": "alert", "csrf_token": "forged"}):
+        r = await a.owner.post(f"{actions}/acknowledge", data=form)
+        assert r.status_code == 403, r.text
+        assert "The form expired" in r.text
+    r = await a.owner.post(f"{actions}/acknowledge", content=b"{}")  # not a form at all
+    assert r.status_code == 403
+    assert (await incident_of(a.owner, a, a_fp))["state"] == "open"
+
+    # A viewer (alerts:read only) sees the incident without the forms; posting: 403.
+    viewer = await member(api, a, "viewer")
+    r = await viewer.get(page)
+    assert r.status_code == 200
+    assert f'data-incident-id="{iid}"' in r.text and 'id="acknowledge-form"' not in r.text
+    r = await viewer.post(
+        f"{actions}/acknowledge", data={"csrf_token": csrf_of(r.text), "from": "alert"}
+    )
+    assert r.status_code == 403
+    assert "needs the permission alerts:write" in r.text
+    assert (await incident_of(a.owner, a, a_fp))["state"] == "open"
+
+    # Tenant B's owner cannot see or acknowledge A's incident: the page of none (404).
+    b_token = csrf_of((await b.owner.get("/noc/alerts")).text)
+    nowhere = await b.owner.post(
+        f"/noc/incidents/{b.id}/{uuid.uuid4()}/acknowledge", data={"csrf_token": b_token}
+    )
+    assert nowhere.status_code == 404
+    for url in (actions, f"/noc/incidents/{b.id}/{iid}"):
+        for action in ("acknowledge", "assign", "notes", "resolve"):
+            r = await b.owner.post(
+                f"{url}/{action}", data={"csrf_token": b_token, "text": "x", "from": "alert"}
+            )
+            assert (r.status_code, r.text) == (404, nowhere.text), f"{url}/{action}"
+        r = await b.owner.get(url)
+        assert r.status_code == 404 and iid not in r.text
+    r = await b.owner.get("/noc/incidents")
+    assert r.status_code == 200 and iid not in r.text and a.slug not in r.text
+    assert (await incident_of(a.owner, a, a_fp))["timeline"][-1]["kind"] == "opened"
+
+    # Acknowledge from the page: back on the alert's page, acknowledged by the owner.
+    r = await a.owner.post(f"{actions}/acknowledge", data={"csrf_token": token, "from": "alert"})
+    assert (r.status_code, r.headers["location"]) == (303, page)
+    body = await incident_of(a.owner, a, a_fp)
+    assert (body["state"], body["acknowledged_by"]) == ("acknowledged", me)
+    assert [e["kind"] for e in body["timeline"]] == ["opened", "acknowledged"]
+    r = await a.owner.get(page)
+    panel = section(r.text, "incident")
+    assert ">acknowledged</span>" in panel and 'id="acknowledge-form"' not in panel
+    timeline = section(r.text, "timeline")
+    assert "acknowledged" in timeline and a.owner_email in timeline
+    r = await a.owner.get("/noc/alerts?fragment=rows")
+    assert 'data-incident-state="acknowledged"' in alert_row(r.text, a_fp)
+    audit = db_rows(
+        api,
+        "SELECT action, actor_id FROM audit_log WHERE tenant_id = %s"
+        " AND resource_type = 'incident'",
+        a.id,
+    )
+    assert [(x["action"], str(x["actor_id"])) for x in audit] == [("incident.acknowledged", me)]
+    # Twice: the page again, saying why (409).
+    r = await a.owner.post(f"{actions}/acknowledge", data={"csrf_token": token, "from": "alert"})
+    assert r.status_code == 409
+    assert "the incident is acknowledged" in r.text and f'data-incident-id="{iid}"' in r.text
+
+    # Assign to a member; not to someone of another tenant.
+    operator = await member(api, a, "operator")
+    operator_me = (await operator.get("/v1/auth/me")).json()
+    stranger = (await b.owner.get("/v1/auth/me")).json()["id"]
+    r = await a.owner.post(
+        f"{actions}/assign", data={"csrf_token": token, "from": "alert", "user_id": stranger}
+    )
+    assert r.status_code == 422
+    assert "the assignee must be a member of the tenant" in r.text
+    r = await a.owner.get(page)
+    assert operator_me["email"] in section(r.text, "assignee")  # offered in the form
+    r = await a.owner.post(
+        f"{actions}/assign",
+        data={"csrf_token": token, "from": "alert", "user_id": operator_me["id"]},
+    )
+    assert (r.status_code, r.headers["location"]) == (303, page)
+    assert (await incident_of(a.owner, a, a_fp))["assignee"] == operator_me["id"]
+    r = await a.owner.get(page)
+    assert section(r.text, "incident-assignee") == (
+        f'<dd id="incident-assignee">{operator_me["email"]}</dd>'
+    )
+    r = await a.owner.get("/noc/alerts")
+    assert operator_me["email"] in alert_row(r.text, a_fp)
+
+    # A note: empty refused (the page again), then on the timeline.
+    r = await a.owner.post(f"{actions}/notes", data={"csrf_token": token, "text": "  "})
+    assert r.status_code == 422 and "Write the note" in r.text
+    note = "load from a <backup> job"
+    r = await a.owner.post(
+        f"{actions}/notes", data={"csrf_token": token, "from": "alert", "text": note}
+    )
+    assert (r.status_code, r.headers["location"]) == (303, page)
+    r = await a.owner.get(page)
+    assert "load from a &lt;backup&gt; job" in section(r.text, "timeline")
+    assert "<backup>" not in r.text
+
+    # Resolve from the incident's own page: back there, resolved with the comment.
+    r = await a.owner.get(actions)
+    assert r.status_code == 200, r.text
+    assert f'href="{page}"' in r.text  # the alert is still current
+    r = await a.owner.post(
+        f"{actions}/resolve",
+        data={"csrf_token": token, "from": "incident", "comment": "backup moved to 3am"},
+    )
+    assert (r.status_code, r.headers["location"]) == (303, actions)
+    body = await incident_of(a.owner, a, a_fp)
+    assert (body["state"], body["resolution"], body["resolved_by"]) == (
+        "resolved",
+        "backup moved to 3am",
+        me,
+    )
+    assert [(e["kind"], e["text"]) for e in body["timeline"]] == [
+        ("opened", "HostLoadHigh firing"),
+        ("acknowledged", None),
+        ("assigned", operator_me["id"]),
+        ("note", note),
+        ("resolved", "backup moved to 3am"),
+    ]
+    r = await a.owner.get(actions)
+    panel = section(r.text, "incident")
+    assert ">resolved</span>" in panel and "backup moved to 3am" in panel
+    assert 'id="resolve-form"' not in panel and 'id="acknowledge-form"' not in panel
+    r = await a.owner.post(f"{actions}/resolve", data={"csrf_token": token, "from": "incident"})
+    assert r.status_code == 409
+
+    # The incidents list: open first, filtered by state; another alert opens another.
+    web2, _ = await seed_alerts(api, a, "web-2")
+    other = (await incident_of(a.owner, a, web2))["id"]
+    r = await a.owner.get("/noc/incidents")
+    assert r.status_code == 200, r.text
+    assert_page_headers(r)
+    assert r.text.index(other) < r.text.index(iid)
+    r = await a.owner.get("/noc/incidents?state=resolved&fragment=rows")
+    assert iid in r.text and other not in r.text and "<html" not in r.text
+    r = await a.owner.get("/noc/incidents?state=open")
+    assert other in r.text and iid not in r.text
+    assert (await a.owner.get("/noc/incidents?state=closed")).status_code == 400
+    assert (await api.client().get("/noc/incidents?fragment=rows")).status_code == 401
+
+    # Staff: every tenant's incidents, audited once in the platform log; reads only.
+    staff = await api.staff()
+    r = await staff.get("/noc/incidents")
+    assert r.status_code == 200, r.text
+    b_incident = (await incident_of(b.owner, b, b_fp))["id"]
+    assert iid in r.text and b_incident in r.text
+    entries = db_rows(
+        api,
+        "SELECT * FROM audit_log WHERE tenant_id IS NULL AND action = 'staff.read'"
+        " AND resource_type = 'incidents'",
+    )
+    assert len(entries) == 1
+    r = await staff.get(f"/noc/incidents/{b.id}/{b_incident}")
+    assert r.status_code == 200 and 'id="acknowledge-form"' not in r.text
+    r = await staff.post(
+        f"/noc/incidents/{b.id}/{b_incident}/acknowledge",
+        data={"csrf_token": csrf_of(r.text)},
+    )
+    assert r.status_code == 403
+    assert (await incident_of(b.owner, b, b_fp))["state"] == "open"
+
+
+async def login_form_token(client: Client, url: str) -> tuple[str, str | None]:
+    """The login form's CSRF token and its `next` field, if any."""
+    r = await client.get(url)
+    assert r.status_code == 200, r.text
+    nxt = re.search(r'name="next" value="([^"]*)"', r.text)
+    return csrf_of(r.text), (nxt.group(1) if nxt else None)
+
+
+async def test_login_next_returns_to_the_alert_page_and_stays_on_site(api: Api) -> None:
+    a = await api.create_tenant()
+    fp, _ = await seed_alerts(api, a, "web-1")
+    page = f"/noc/alerts/{a.id}/{fp}"
+    creds = {"email": a.owner_email, "password": "owner-password-123"}
+
+    browser = api.client()
+    r = await browser.get(page)
+    assert r.status_code == 303
+    login_url = r.headers["location"]
+    assert login_url == f"/noc/login?next=%2Fnoc%2Falerts%2F{a.id}%2F{fp}"
+    token, nxt = await login_form_token(browser, login_url)
+    assert nxt == page
+    r = await browser.post("/noc/login", data={**creds, "csrf_token": token, "next": nxt})
+    assert (r.status_code, r.headers["location"]) == (303, page)
+    r = await browser.get(page)
+    assert r.status_code == 200 and "load 9 on web-1" in r.text
+    # Logged in already: the login form sends the browser on to `next` too.
+    r = await browser.get(login_url)
+    assert (r.status_code, r.headers["location"]) == (303, page)
+
+    # The incident's page works the same way.
+    iid = (await incident_of(a.owner, a, fp))["id"]
+    r = await api.client().get(f"/noc/incidents/{a.id}/{iid}")
+    assert r.headers["location"] == f"/noc/login?next=%2Fnoc%2Fincidents%2F{a.id}%2F{iid}"
+
+    # Another site as `next` (scheme, `//host`, a backslash, a header break) is ignored:
+    # not in the form, and the login goes to the fleet.
+    for evil in (
+        "//evil.example",
+        "https://evil.example",
+        "https://evil.example/noc/alerts",
+        "/\\evil.example",
+        "/noc/alerts/../..//evil.example",
+        "/noc/alerts\r\nLocation: https://evil.example",
+        "/noc/alerts\n",
+    ):
+        client = api.client()
+        token, nxt = await login_form_token(client, "/noc/login?" + urlencode({"next": evil}))
+        assert nxt is None, evil
+        r = await client.post("/noc/login", data={**creds, "csrf_token": token, "next": evil})
+        assert (r.status_code, r.headers["location"]) == (303, "/noc/"), evil
+        r = await client.get("/noc/login?" + urlencode({"next": evil}))
+        assert (r.status_code, r.headers["location"]) == (303, "/noc/"), evil
