@@ -15,6 +15,8 @@ from controlplane.api import (
     audit,
     auth,
     health,
+    hosting_databases,
+    hosting_sites,
     incidents,
     internal,
     members,
@@ -26,6 +28,7 @@ from controlplane.api import (
     servers,
     tenants,
     tokens,
+    workflows,
 )
 from controlplane.bootstrap import sync_catalogue
 from controlplane.context import ControlPlane
@@ -33,6 +36,7 @@ from controlplane.crypto import SecretBox, load_internal_token, load_master_key
 from controlplane.db import Database
 from controlplane.keys import load_platform_keys
 from controlplane.problems import install_problem_handlers
+from controlplane.workflows import use_secret_box
 from yakpanel import __version__
 from yakpanel.readiness import ClickHouseProbe, KafkaProbe, PostgresProbe, Probe
 from yakpanel.services import Stack
@@ -58,6 +62,7 @@ def create_app(stack: Stack, probes: list[Probe] | None = None) -> FastAPI:
         control_plane.keys = await asyncio.to_thread(
             load_platform_keys, stack.postgres_dsn, control_plane.secrets
         )
+        use_secret_box(control_plane.secrets)  # workflows seal step secrets at rest
         await control_plane.db.open()
         try:
             yield
@@ -98,6 +103,9 @@ def create_app(stack: Stack, probes: list[Probe] | None = None) -> FastAPI:
         metrics.router,
         alerting.router,
         incidents.router,
+        workflows.router,
+        hosting_sites.router,
+        hosting_databases.router,
     ):
         app.include_router(router)
     return app

@@ -1,7 +1,9 @@
-"""The control-plane worker: the outbox relay and periodic housekeeping.
+"""The control-plane worker: the outbox relay, periodic housekeeping and the workflow
+driver.
 
 Housekeeping is idempotent, so running several workers is safe; the relay elects one
-active instance through an advisory lock.
+active instance through an advisory lock; workflow drivers share the work through
+row locks (`FOR UPDATE SKIP LOCKED`).
 """
 
 from __future__ import annotations
@@ -12,11 +14,16 @@ import logging
 from datetime import timedelta
 
 from controlplane.consumers import TopicConsumer
+from controlplane.crypto import SecretBox, load_master_key
 from controlplane.db import Database
+from controlplane.hosting import install_hooks as install_hosting_hooks
+from controlplane.hosting.renewal import CertificateRenewal  # installs hosting hooks
+from controlplane.keys import load_platform_keys
 from controlplane.registry.commands import apply_result, expire_overdue
 from controlplane.registry.presence import apply_presence
 from controlplane.relay import OutboxRelay
 from controlplane.tenancy.service import delete_due_tenants
+from controlplane.workflows import WorkflowDriver, use_secret_box
 from proto import agent_pb2
 from yakpanel.services import Service, Stack
 from yakpanel.topics import COMMAND_RESULTS, PRESENCE
@@ -27,11 +34,19 @@ log = logging.getLogger(__name__)
 class ControlPlaneWorker:
     name = "worker"
 
-    def __init__(self, stack: Stack, housekeeping_interval_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        stack: Stack,
+        housekeeping_interval_s: float = 5.0,
+        workflow_poll_interval_s: float = 0.25,
+    ) -> None:
         self.stack = stack
         self.relay = OutboxRelay(stack.postgres_dsn, stack.kafka_bootstrap, stack.topic_prefix)
-        self.db = Database(stack.postgres_dsn, stack.clock, min_size=1, max_size=2)
+        self.db = Database(stack.postgres_dsn, stack.clock, min_size=1, max_size=4)
         self.housekeeping_interval_s = housekeeping_interval_s
+        self.workflow_poll_interval_s = workflow_poll_interval_s
+        # Built at start: it signs commands with the platform key loaded from PostgreSQL.
+        self.workflows: WorkflowDriver | None = None
         self.presence = TopicConsumer(
             stack.kafka_bootstrap,
             PRESENCE,
@@ -50,12 +65,25 @@ class ControlPlaneWorker:
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
+        box = SecretBox(load_master_key(self.stack.settings))
+        keys = await asyncio.to_thread(load_platform_keys, self.stack.postgres_dsn, box)
+        use_secret_box(box)
+        # Workflows end here: the resources they work on follow their outcome.
+        install_hosting_hooks()
+        self.workflows = WorkflowDriver(
+            self.db, keys.signing_key, box, poll_interval_s=self.workflow_poll_interval_s
+        )
         await self.db.open()
         self._tasks = [
             asyncio.create_task(self.relay.run(), name="outbox-relay"),
             asyncio.create_task(self._housekeeping(), name="housekeeping"),
             asyncio.create_task(self.presence.run(), name="presence-consumer"),
             asyncio.create_task(self.results.run(), name="results-consumer"),
+            asyncio.create_task(self.workflows.run(), name="workflow-driver"),
+            asyncio.create_task(
+                CertificateRenewal(self.db, box, self.stack.settings).run(self._stop),
+                name="certificate-renewal",
+            ),
         ]
 
     async def _on_presence(self, value: bytes) -> None:
@@ -101,6 +129,8 @@ class ControlPlaneWorker:
         self.relay.stop()
         self.presence.stop()
         self.results.stop()
+        if self.workflows is not None:
+            self.workflows.stop()
         # Loops notice the stop within a poll; one stuck joining a consumer group or
         # waiting on the broker is cancelled (its offsets were not committed: nothing lost).
         _, pending = await asyncio.wait(self._tasks, timeout=1.0)

@@ -83,8 +83,22 @@ class Settings(BaseSettings):
     aggregator_heartbeat_file: Path | None = None
     alerting_tick_s: float = Field(default=1.0, gt=0, le=60)
     alerting_default_interval_s: float = Field(default=60.0, gt=0, le=86400)
+    # Streaming evaluation (docs/alerting.md): rules also read yak.metrics.v1 and evaluate
+    # on ingest from a per-tenant hot window of at most this many samples.
+    alerting_stream: bool = True
+    alerting_stream_max_samples: int = Field(default=200_000, ge=1000, le=50_000_000)
+    alerting_stream_max_window_s: int = Field(default=3600, ge=60, le=86400)
+    alerting_stream_debounce_ms: float = Field(default=25.0, ge=0, le=10_000)
 
     worker_heartbeat_file: Path | None = None
+    # Site certificates (ACME). `acme_ca_bundle`: a PEM file of the CA that serves the
+    # directory, for a private ACME server (e.g. Pebble); unset trusts the system CAs.
+    acme_directory_url: str = "https://acme-v02.api.letsencrypt.org/directory"
+    acme_ca_bundle: Path | None = None
+    acme_email: str | None = None
+    certificate_renew_before_days: int = Field(default=30, ge=1, le=89)
+    certificate_renewal_interval_s: float = Field(default=3600.0, gt=0, le=86400)
+    certificate_renewal_retry_s: float = Field(default=6 * 3600.0, ge=0, le=7 * 86400)
 
     readiness_timeout_s: float = Field(default=2.0, gt=0, le=30)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

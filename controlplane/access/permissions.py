@@ -25,8 +25,11 @@ TENANT_PERMISSIONS: dict[str, str] = {
     "metrics:read": "query metrics",
     "alerts:read": "see alert rules, alerts and incidents",
     "alerts:write": "manage alert rules, silences and incidents",
-    "sites:read": "see sites, domains, certificates, FTP accounts, databases",
-    "sites:write": "manage sites, domains, certificates, FTP accounts, databases",
+    "sites:read": "see sites, domains, certificates and FTP accounts",
+    "sites:write": "manage sites, domains, certificates and FTP accounts",
+    "databases:read": "see databases, database users and Redis users",
+    "databases:write": "create and delete databases, database users and Redis users",
+    "workflows:read": "follow workflows (multi-step changes on servers): steps, retries, undo",
 }
 
 STAFF_PERMISSIONS: dict[str, str] = {
@@ -48,7 +51,14 @@ BUILTIN_ROLES: dict[str, tuple[str, frozenset[str]]] = {
     "operator": (
         "runs servers, sites and alerts; cannot manage people",
         READ_ONLY - {"audit:read"}
-        | {"servers:write", "commands:write", "sites:write", "alerts:write", "tokens:write"},
+        | {
+            "servers:write",
+            "commands:write",
+            "sites:write",
+            "databases:write",
+            "alerts:write",
+            "tokens:write",
+        },
     ),
     "viewer": ("reads everything but the audit log", READ_ONLY - {"audit:read"}),
     "billing": (

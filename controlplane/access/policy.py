@@ -39,6 +39,21 @@ QUOTAS: dict[str, Quota] = {
         "SELECT coalesce(sum(jsonb_array_length(spec->'rules')), 0) AS n"
         " FROM alert_rule_groups WHERE tenant_id = %s",
     ),
+    # Hosting resources (controlplane/hosting): rows being deleted still count until
+    # their workflow has removed them from the node.
+    "sites": Quota("max_sites", "SELECT count(*) AS n FROM sites WHERE tenant_id = %s"),
+    "databases": Quota(
+        "max_databases", "SELECT count(*) AS n FROM hosted_databases WHERE tenant_id = %s"
+    ),
+    "database_users": Quota(
+        "max_database_users", "SELECT count(*) AS n FROM database_users WHERE tenant_id = %s"
+    ),
+    "ftp_accounts": Quota(
+        "max_ftp_accounts", "SELECT count(*) AS n FROM ftp_accounts WHERE tenant_id = %s"
+    ),
+    "redis_users": Quota(
+        "max_redis_users", "SELECT count(*) AS n FROM redis_users WHERE tenant_id = %s"
+    ),
 }
 
 # Writes still allowed in these states, so that a tenant can pay or cancel deletion.

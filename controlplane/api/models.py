@@ -126,6 +126,9 @@ class PlanOut(BaseModel):
     max_alert_rules: int
     metric_retention_days: int
     api_requests_per_minute: int
+    max_database_users: int = 0
+    max_ftp_accounts: int = 0
+    max_redis_users: int = 0
 
 
 # --- tenants --------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from controlplane.access.policy import Resource, authorize, not_found
@@ -72,6 +73,102 @@ async def _active_public_key(uow: UnitOfWork, server_id: uuid.UUID) -> Any:
     return serialization.load_pem_public_key(row["public_key_pem"].encode())
 
 
+async def issue_command(
+    uow: UnitOfWork,
+    tenant_id: uuid.UUID,
+    server_id: uuid.UUID,
+    command_type: str,
+    payload: dict[str, Any],
+    idempotency_key: str,
+    timeout_s: int,
+    *,
+    signing_key: Ed25519PrivateKey,
+) -> tuple[dict[str, Any], bool]:
+    """Store, sign and enqueue one command inside the caller's transaction.
+
+    Returns the command row and whether it was created now; an earlier command with the
+    same key and request is returned as it is (False), so issuing again is harmless.
+    `{"$secret": …}` values are sealed to the server's agent key, never stored plain.
+    Raises Problem 404 (no such server), 409 `idempotency_conflict` or
+    `server_not_enrolled`.
+    """
+    raw_payload = json.dumps(payload, sort_keys=True)
+    fingerprint = hashlib.sha256(f"{command_type}\n{raw_payload}".encode()).hexdigest()
+    server = await (
+        await uow.conn.execute(
+            "SELECT id FROM servers WHERE id = %s AND tenant_id = %s FOR SHARE",
+            (server_id, tenant_id),
+        )
+    ).fetchone()
+    if server is None:
+        raise not_found("server")
+    existing = await (
+        await uow.conn.execute(
+            "SELECT * FROM commands WHERE tenant_id = %s AND idempotency_key = %s",
+            (tenant_id, idempotency_key),
+        )
+    ).fetchone()
+    if existing is not None:
+        same = existing["server_id"] == server_id and existing["request_sha256"] == fingerprint
+        if not same:
+            raise Problem(
+                409,
+                "idempotency_conflict",
+                "this idempotency key was used for a different command",
+            )
+        return existing, False
+    sealed: Any = payload
+    command_id = new_id()
+    if has_plain_secrets(sealed):
+        recipient = await _active_public_key(uow, server_id)
+        if recipient is None:
+            raise Problem(
+                409,
+                "server_not_enrolled",
+                "secrets are sealed to the server's agent key: enroll the agent first",
+            )
+        sealed = seal_secrets(sealed, recipient, str(command_id))
+    now = uow.clock.now()
+    deadline = now + timedelta(seconds=timeout_s)
+    envelope = agent_pb2.CommandEnvelope(
+        command_id=str(command_id),
+        idempotency_key=idempotency_key,
+        tenant_id=str(tenant_id),
+        server_id=str(server_id),
+        type=command_type,
+        payload=json.dumps(sealed, sort_keys=True).encode(),
+    )
+    envelope.issued_at.CopyFrom(_ts(now))
+    envelope.deadline.CopyFrom(_ts(deadline))
+    signing.sign(envelope, signing_key)
+    data = envelope.SerializeToString()
+    row = await (
+        await uow.conn.execute(
+            """INSERT INTO commands (id, tenant_id, server_id, idempotency_key, type, payload,
+                   request_sha256, issued_at, deadline, envelope)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING *""",
+            (
+                command_id,
+                tenant_id,
+                server_id,
+                idempotency_key,
+                command_type,
+                json.dumps(sealed),
+                fingerprint,
+                now,
+                deadline,
+                data,
+            ),
+        )
+    ).fetchone()
+    assert row is not None
+    await uow.publish(COMMANDS.name, str(server_id), data, "command.issued", "command", command_id)
+    await uow.record(
+        "command.created", "command", command_id, None, command_out(row).model_dump(mode="json")
+    )
+    return row, True
+
+
 async def create_command(
     cp: ControlPlane, access: TenantAccess, server_id: uuid.UUID, body: m.CommandCreate
 ) -> tuple[m.CommandOut, bool]:
@@ -82,85 +179,19 @@ async def create_command(
             413, "payload_too_large", f"payloads are limited to {MAX_PAYLOAD_BYTES} bytes"
         )
     key = body.idempotency_key or f"api:{new_id()}"
-    fingerprint = hashlib.sha256(f"{body.type}\n{raw_payload}".encode()).hexdigest()
     async with cp.db.unit_of_work(access.actor(), access.tenant_id) as uow:
         await authorize(uow, access, "commands:write", Resource("command", creating=True))
-        server = await (
-            await uow.conn.execute(
-                "SELECT id FROM servers WHERE id = %s AND tenant_id = %s FOR SHARE",
-                (server_id, access.tenant_id),
-            )
-        ).fetchone()
-        if server is None:
-            raise not_found("server")
-        existing = await (
-            await uow.conn.execute(
-                "SELECT * FROM commands WHERE tenant_id = %s AND idempotency_key = %s",
-                (access.tenant_id, key),
-            )
-        ).fetchone()
-        if existing is not None:
-            same = existing["server_id"] == server_id and existing["request_sha256"] == fingerprint
-            if not same:
-                raise Problem(
-                    409,
-                    "idempotency_conflict",
-                    "this idempotency key was used for a different command",
-                )
-            return command_out(existing), False
-        payload: Any = body.payload
-        command_id = new_id()
-        if has_plain_secrets(payload):
-            recipient = await _active_public_key(uow, server_id)
-            if recipient is None:
-                raise Problem(
-                    409,
-                    "server_not_enrolled",
-                    "secrets are sealed to the server's agent key: enroll the agent first",
-                )
-            payload = seal_secrets(payload, recipient, str(command_id))
-        now = uow.clock.now()
-        deadline = now + timedelta(seconds=body.timeout_s)
-        envelope = agent_pb2.CommandEnvelope(
-            command_id=str(command_id),
-            idempotency_key=key,
-            tenant_id=str(access.tenant_id),
-            server_id=str(server_id),
-            type=body.type,
-            payload=json.dumps(payload, sort_keys=True).encode(),
+        row, created = await issue_command(
+            uow,
+            access.tenant_id,
+            server_id,
+            body.type,
+            body.payload,
+            key,
+            body.timeout_s,
+            signing_key=cp.platform_keys.signing_key,
         )
-        envelope.issued_at.CopyFrom(_ts(now))
-        envelope.deadline.CopyFrom(_ts(deadline))
-        signing.sign(envelope, cp.platform_keys.signing_key)
-        data = envelope.SerializeToString()
-        row = await (
-            await uow.conn.execute(
-                """INSERT INTO commands (id, tenant_id, server_id, idempotency_key, type, payload,
-                       request_sha256, issued_at, deadline, envelope)
-                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING *""",
-                (
-                    command_id,
-                    access.tenant_id,
-                    server_id,
-                    key,
-                    body.type,
-                    json.dumps(payload),
-                    fingerprint,
-                    now,
-                    deadline,
-                    data,
-                ),
-            )
-        ).fetchone()
-        assert row is not None
-        out = command_out(row)
-        await uow.publish(
-            COMMANDS.name, str(server_id), data, "command.issued", "command", command_id
-        )
-        await uow.record(
-            "command.created", "command", command_id, None, out.model_dump(mode="json")
-        )
-    return out, True
+    return command_out(row), created
 
 
 async def list_commands(

@@ -67,6 +67,12 @@ RESOURCE_PARAMS = frozenset(
         "group_name",
         "silence_id",
         "incident_id",
+        "site_id",
+        "ftp_account_id",
+        "database_id",
+        "database_user_id",
+        "redis_user_id",
+        "workflow_id",  # WORKFLOWS: a site's workflow stands in for any
     }
 )
 INTERNAL_PREFIX = "/internal/"
@@ -123,6 +129,30 @@ NOT_TENANT_SCOPED: dict[tuple[str, str], tuple[Access, str]] = {
     ("POST", "/noc/alerts/{tenant}/{fingerprint}/silences/{silence_id}/expire"): (
         "own-tenants",
         "NOC expire button: B's alert is 404 as none's, before the form is read",
+    ),
+    ("GET", "/noc/incidents"): (
+        "own-tenants",
+        "NOC incidents: incidents of the caller's tenants (only A)",
+    ),
+    ("GET", "/noc/incidents/{tenant}/{incident_id}"): (
+        "own-tenants",
+        "NOC incident page: B's incident gets the page of an incident that does not exist",
+    ),
+    ("POST", "/noc/incidents/{tenant}/{incident_id}/acknowledge"): (
+        "own-tenants",
+        "NOC acknowledge button: B's incident is 404 as none's, before the form is read",
+    ),
+    ("POST", "/noc/incidents/{tenant}/{incident_id}/assign"): (
+        "own-tenants",
+        "NOC assign form: B's incident is 404 as none's, before the form is read",
+    ),
+    ("POST", "/noc/incidents/{tenant}/{incident_id}/notes"): (
+        "own-tenants",
+        "NOC note form: B's incident is 404 as none's, before the form is read",
+    ),
+    ("POST", "/noc/incidents/{tenant}/{incident_id}/resolve"): (
+        "own-tenants",
+        "NOC resolve form: B's incident is 404 as none's, before the form is read",
     ),
     # Metrics: the tenant comes from the token or the `tenant_id` parameter.
     ("GET", "/v1/metrics/query_range"): ("tenant-param", "bucketed metric values"),
@@ -181,6 +211,9 @@ INTERNAL: dict[tuple[str, str], str] = {
         "the plan's metric retention of the tenant named in a sender's certificate"
     ),
 }
+
+# In BODIES, a server the request names; the control with A's own ids puts A's in.
+ANY_SERVER = "00000000-0000-0000-0000-000000000000"
 
 # A valid body for every tenant-scoped route that takes one. The values are the most
 # damaging ones, so that a leak would show in B's state as well as in the status.
@@ -243,6 +276,40 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
     },
     ("POST", "/v1/tenants/{tenant_id}/incidents/{incident_id}/resolve"): {
         "comment": "resolved by another tenant"
+    },
+    ("POST", "/v1/tenants/{tenant_id}/sites"): {
+        "server_id": ANY_SERVER,
+        "kind": "static",
+        "domains": ["intruder.example.com"],
+    },
+    ("PATCH", "/v1/tenants/{tenant_id}/sites/{site_id}"): {
+        "domains": ["hijacked.example.com"],
+        "force_https": False,
+    },
+    ("POST", "/v1/tenants/{tenant_id}/sites/{site_id}/certificate"): {"force": True},
+    ("POST", "/v1/tenants/{tenant_id}/sites/{site_id}/ftp-accounts"): {
+        "username": "intruder",
+        "password": "intruder-password-123",
+    },
+    ("POST", "/v1/tenants/{tenant_id}/sites/{site_id}/ftp-accounts/{ftp_account_id}/password"): {
+        "password": "intruder-password-123"
+    },
+    ("POST", "/v1/tenants/{tenant_id}/databases"): {"server_id": ANY_SERVER, "name": "intruder"},
+    ("DELETE", "/v1/tenants/{tenant_id}/databases/{database_id}"): {"confirm": "intruder"},
+    ("POST", "/v1/tenants/{tenant_id}/databases/{database_id}/users"): {
+        "name": "intruder",
+        "password": "intruder-password-123",
+    },
+    ("POST", "/v1/tenants/{tenant_id}/databases/{database_id}/users/{database_user_id}/password"): {
+        "password": "intruder-password-123"
+    },
+    ("POST", "/v1/tenants/{tenant_id}/redis-users"): {
+        "server_id": ANY_SERVER,
+        "name": "intruder",
+        "prefix": "intruder:",
+    },
+    ("POST", "/v1/tenants/{tenant_id}/redis-users/{redis_user_id}/password"): {
+        "password": "intruder-password-123"
     },
 }
 
@@ -385,6 +452,7 @@ class Seeded:
     tenant: Tenant
     ids: dict[str, str]  # path parameter -> this tenant's resource
     marks: set[str] = field(default_factory=set)  # strings only this tenant's data holds
+    hosting_server: str = ""  # the server its hosting resources live on
 
 
 async def _created(response: httpx.Response) -> dict[str, Any]:
@@ -475,6 +543,11 @@ async def seed(api: Api, t: Tenant) -> Seeded:
     # An incident, opened by a firing transition recorded through the alert store.
     incident = await open_incident(api, t.id, {"alertname": "SiteDown", "site": tag})
 
+    # Hosting: a site with a certificate request and an FTP account, a database with a
+    # user, a Redis user (writes answer 202: stored, and a workflow started).
+    hosting = await _hosting(c, base, tag)
+    hosting_server = hosting.pop("server")
+
     me = (await c.get("/v1/auth/me")).json()
     ids = {
         TENANT: t.id,
@@ -487,11 +560,56 @@ async def seed(api: Api, t: Tenant) -> Seeded:
         "group_name": group["name"],
         "silence_id": silence["id"],
         "incident_id": incident,
+        **hosting,
     }
     assert set(ids) == RESOURCE_PARAMS
     # The slug is part of every name, email, label and payload above, so it covers them.
     found = {me["id"], t.slug, token["prefix"], certificate["fingerprint"]}
-    return Seeded(t, ids, {*ids.values(), *found})
+    return Seeded(t, ids, {*ids.values(), *found}, hosting_server)
+
+
+async def _accepted(response: httpx.Response) -> dict[str, Any]:
+    assert response.status_code == 202, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def _hosting(c: Client, base: str, tag: str) -> dict[str, str]:
+    # On a server of their own: the control below deletes `server_id`, which removes
+    # what lives on it, and these resources must outlive it.
+    server = await _created(await c.post(f"{base}/servers", json={"name": f"{tag}-web"}))
+    server_id = server["id"]
+    site = await _accepted(
+        await c.post(
+            f"{base}/sites",
+            json={"server_id": server_id, "kind": "static", "domains": [f"{tag}.example.com"]},
+        )
+    )
+    await _accepted(await c.post(f"{base}/sites/{site['id']}/certificate", json={}))
+    ftp = await _accepted(
+        await c.post(f"{base}/sites/{site['id']}/ftp-accounts", json={"username": f"{tag}-ftp"})
+    )
+    name = tag.replace("-", "_")
+    database = await _accepted(
+        await c.post(f"{base}/databases", json={"server_id": server_id, "name": name})
+    )
+    user = await _accepted(
+        await c.post(f"{base}/databases/{database['id']}/users", json={"name": name})
+    )
+    redis_user = await _accepted(
+        await c.post(
+            f"{base}/redis-users", json={"server_id": server_id, "name": tag, "prefix": f"{tag}:"}
+        )
+    )
+    return {
+        "server": server_id,
+        "site_id": site["id"],
+        "ftp_account_id": ftp["id"],
+        "database_id": database["id"],
+        "database_user_id": user["id"],
+        "redis_user_id": redis_user["id"],
+        "workflow_id": site["workflow_id"],  # WORKFLOWS
+    }
 
 
 async def open_incident(api: Api, tenant_id: str, labels: dict[str, str]) -> str:
@@ -665,7 +783,7 @@ async def test_foreign_tenant_resources_are_not_found_on_every_route(api: Api) -
     assert after[f"{b_base}/tokens/{b.ids['token_id']}"]["revoked_at"] is None
     assert [c["revoked_at"] for c in after[f"{b_server}/certificates"]] == [None]
     assert after[f"{b_base}/commands/{b.ids['command_id']}"]["state"] == "pending"
-    assert [s["id"] for s in after[f"{b_base}/servers"]["items"]] == [b.ids["server_id"]]
+    assert b.ids["server_id"] in [s["id"] for s in after[f"{b_base}/servers"]["items"]]
 
     # B's data does not show through A's own routes: every tenant-scoped read of A, with
     # A's resources, answers 200 without a trace of B.
@@ -682,7 +800,8 @@ async def test_foreign_tenant_resources_are_not_found_on_every_route(api: Api) -
     # above came from tenant isolation, not from a wrong path or body.
     for ep in sorted(scoped, key=_mirror_order):
         url = fill(ep.path, a.ids)
-        r = await a.tenant.owner.request(ep.method, url, json=BODIES.get(ep.key))
+        body = json.loads(json.dumps(BODIES.get(ep.key)).replace(ANY_SERVER, a.hosting_server))
+        r = await a.tenant.owner.request(ep.method, url, json=body)
         assert r.status_code not in (401, 404, 405, 422), f"{ep} on A's own: {r.text}"
 
 
@@ -751,7 +870,11 @@ async def test_platform_routes_do_not_reach_other_tenants(api: Api) -> None:
             else:
                 assert r.status_code == 200, f"{who}: {url}: {r.text}"
                 # control: A's own server (fleet) or alert (alerts) is there
-                assert a.ids["server_id"] in r.text or a_alert in r.text
+                assert (
+                    a.ids["server_id"] in r.text
+                    or a_alert in r.text
+                    or a.ids["incident_id"] in r.text
+                )
 
         # The internal routes are for services: a tenant's principal is not one.
         for key in INTERNAL:
