@@ -106,14 +106,18 @@ def spec_of(row: dict[str, Any]) -> SiteSpec:
 
 
 def apply_payload(site_id: uuid.UUID, spec: SiteSpec, tls: bool) -> dict[str, Any]:
-    """The `site.apply` command payload (engines/site contract)."""
+    """The `site.apply` command payload (engines/site contract).
+
+    `force_https` is the tenant's wish; it is sent only once the site serves HTTPS (the
+    engine refuses to redirect to an HTTPS server that does not exist), so a site asked
+    to force HTTPS before its certificate is issued serves HTTP until then."""
     return {
         "site_id": str(site_id),
         "kind": spec.kind,
         "domains": list(spec.domains),
         "upstream": spec.upstream,
         "redirects": [{"source": s, "target": t, "code": c} for s, t, c in spec.redirects],
-        "force_https": spec.force_https,
+        "force_https": spec.force_https and tls,
         "tls": tls,
     }
 

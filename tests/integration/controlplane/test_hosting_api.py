@@ -249,7 +249,9 @@ async def test_site_lifecycle_follows_its_workflows(api: Api, node: Node) -> Non
         "domains": ["shop.example.com", "www.shop.example.com"],
         "upstream": "unix:/run/php/php8.2-fpm.sock",
         "redirects": [{"source": "/old", "target": "/new", "code": 301}],
-        "force_https": True,
+        # Wanted, but not sent before the site has a certificate (the engine would
+        # refuse to redirect to an HTTPS server that does not exist).
+        "force_https": False,
         "tls": False,
     }
     (step,) = steps_of(api, wf)
