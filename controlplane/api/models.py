@@ -99,6 +99,9 @@ class PlanLimits(Strict):
     max_alert_rules: int = Field(ge=0, le=100_000)
     metric_retention_days: int = Field(ge=1, le=3650)
     api_requests_per_minute: int = Field(ge=1, le=1_000_000)
+    max_database_users: int = Field(default=50, ge=0, le=1_000_000)
+    max_ftp_accounts: int = Field(default=50, ge=0, le=1_000_000)
+    max_redis_users: int = Field(default=20, ge=0, le=1_000_000)
 
 
 class PlanCreate(PlanLimits):
@@ -114,6 +117,9 @@ class PlanUpdate(Strict):
     max_alert_rules: int | None = Field(default=None, ge=0, le=100_000)
     metric_retention_days: int | None = Field(default=None, ge=1, le=3650)
     api_requests_per_minute: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_database_users: int | None = Field(default=None, ge=0, le=1_000_000)
+    max_ftp_accounts: int | None = Field(default=None, ge=0, le=1_000_000)
+    max_redis_users: int | None = Field(default=None, ge=0, le=1_000_000)
 
 
 class PlanOut(BaseModel):
@@ -126,9 +132,9 @@ class PlanOut(BaseModel):
     max_alert_rules: int
     metric_retention_days: int
     api_requests_per_minute: int
-    max_database_users: int = 0
-    max_ftp_accounts: int = 0
-    max_redis_users: int = 0
+    max_database_users: int
+    max_ftp_accounts: int
+    max_redis_users: int
 
 
 # --- tenants --------------------------------------------------------------------------
@@ -162,7 +168,15 @@ class TenantOut(BaseModel):
 
 
 class Usage(BaseModel):
+    """What counts against each plan limit (the `QUOTAS` of the access policy)."""
+
     servers: int
+    sites: int = 0
+    databases: int = 0
+    database_users: int = 0
+    ftp_accounts: int = 0
+    redis_users: int = 0
+    alert_rules: int = 0
 
 
 class TenantDetail(TenantOut):

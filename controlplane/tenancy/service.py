@@ -8,7 +8,7 @@ from typing import Any
 
 from psycopg.errors import UniqueViolation
 
-from controlplane.access.policy import Resource, authorize, not_found, require_staff
+from controlplane.access.policy import QUOTAS, Resource, authorize, not_found, require_staff
 from controlplane.access.principal import Principal, TenantAccess
 from controlplane.api import models as m
 from controlplane.db import SYSTEM, Database, UnitOfWork
@@ -23,6 +23,9 @@ _PLAN_FIELDS = (
     "max_alert_rules",
     "metric_retention_days",
     "api_requests_per_minute",
+    "max_database_users",
+    "max_ftp_accounts",
+    "max_redis_users",
 )
 
 _TENANT_SQL = """SELECT t.id, t.slug, t.name, p.code AS plan, t.state, t.state_reason,
@@ -212,15 +215,14 @@ async def get_tenant(db: Database, access: TenantAccess) -> m.TenantDetail:
         await authorize(uow, access, "tenants:read", Resource("tenant", access.tenant_id))
         tenant = await _tenant(uow, access.tenant_id)
         plan = await _plan_by_code(uow, tenant.plan)
-        servers = await (
-            await uow.conn.execute(
-                "SELECT count(*) AS n FROM servers WHERE tenant_id = %s", (access.tenant_id,)
-            )
-        ).fetchone()
+        usage: dict[str, int] = {}
+        for name, quota in QUOTAS.items():
+            row = await (await uow.conn.execute(quota.count_sql, (access.tenant_id,))).fetchone()
+            usage[name] = int(row["n"]) if row else 0
     return m.TenantDetail(
         **tenant.model_dump(),
         limits=m.PlanLimits(**{f: plan[f] for f in _PLAN_FIELDS}),
-        usage=m.Usage(servers=servers["n"] if servers else 0),
+        usage=m.Usage(**usage),
     )
 
 

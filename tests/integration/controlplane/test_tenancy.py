@@ -67,6 +67,39 @@ async def test_a_full_plan_refuses_with_the_limit_and_the_use(api: Api) -> None:
     assert "tenant.plan_changed" in _events(api.stack.postgres_dsn, t.id)
 
 
+async def test_hosting_limits_are_plan_fields_and_their_use_is_shown(api: Api) -> None:
+    code = await _plan(api, max_ftp_accounts=3, max_redis_users=0)
+    staff = await api.staff()
+    plans = (await staff.get("/v1/plans")).json()
+    plans = plans["items"] if isinstance(plans, dict) else plans
+    plan = next(p for p in plans if p["code"] == code)
+    assert (plan["max_ftp_accounts"], plan["max_redis_users"]) == (3, 0)
+    assert plan["max_database_users"] == 50  # the default when a plan does not say
+    r = await staff.patch(f"/v1/plans/{plan['id']}", json={"max_database_users": 7})
+    assert r.status_code == 200, r.text
+    assert r.json()["max_database_users"] == 7
+
+    t = await api.create_tenant(plan=code)
+    r = await t.owner.post(f"/v1/tenants/{t.id}/servers", json={"name": "web"})
+    server_id = r.json()["id"]
+    r = await t.owner.post(
+        f"/v1/tenants/{t.id}/sites",
+        json={"server_id": server_id, "kind": "static", "domains": ["limits.example.com"]},
+    )
+    assert r.status_code == 202, r.text
+    detail = (await t.owner.get(f"/v1/tenants/{t.id}")).json()
+    assert detail["limits"]["max_database_users"] == 7
+    assert detail["limits"]["max_redis_users"] == 0
+    assert detail["usage"]["sites"] == 1 and detail["usage"]["servers"] == 1
+    # A zero limit refuses the first one.
+    r = await t.owner.post(
+        f"/v1/tenants/{t.id}/redis-users",
+        json={"server_id": server_id, "name": "cache", "prefix": "cache:"},
+    )
+    assert r.status_code == 409, r.text
+    assert r.json()["limit"] == "max_redis_users"
+
+
 async def test_concurrent_creates_cannot_overrun_the_quota(api: Api) -> None:
     t = await api.create_tenant(plan=await _plan(api))
     results = await asyncio.gather(
