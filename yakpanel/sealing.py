@@ -79,6 +79,18 @@ def open_secrets(value: Any, private_key: ec.EllipticCurvePrivateKey, context: s
     return value
 
 
+def mask_secrets(value: Any) -> Any:
+    """The value with every `{"$secret": …}` replaced by `{"$secret": "*"}`: what may be
+    hashed or logged about a payload. (A hash of a short password is a guessable copy.)"""
+    if isinstance(value, dict):
+        if set(value) == {SECRET_KEY}:
+            return {SECRET_KEY: "*"}
+        return {k: mask_secrets(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask_secrets(v) for v in value]
+    return value
+
+
 def has_plain_secrets(value: Any) -> bool:
     if isinstance(value, dict):
         return SECRET_KEY in value or any(has_plain_secrets(v) for v in value.values())

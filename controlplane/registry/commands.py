@@ -26,7 +26,7 @@ from controlplane.db import SYSTEM, Database, UnitOfWork
 from controlplane.problems import Problem
 from proto import agent_pb2, signing
 from yakpanel.ids import new_id
-from yakpanel.sealing import has_plain_secrets, seal_secrets
+from yakpanel.sealing import has_plain_secrets, mask_secrets, seal_secrets
 from yakpanel.topics import COMMANDS
 
 _ORDER = {"pending": 0, "dispatched": 1, "acknowledged": 2}
@@ -92,7 +92,8 @@ async def issue_command(
     Raises Problem 404 (no such server), 409 `idempotency_conflict` or
     `server_not_enrolled`.
     """
-    raw_payload = json.dumps(payload, sort_keys=True)
+    # Secret values stay out of the stored request hash; the key names the request.
+    raw_payload = json.dumps(mask_secrets(payload), sort_keys=True)
     fingerprint = hashlib.sha256(f"{command_type}\n{raw_payload}".encode()).hexdigest()
     server = await (
         await uow.conn.execute(

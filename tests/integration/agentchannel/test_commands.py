@@ -234,6 +234,10 @@ async def test_secrets_reach_the_agent_and_nowhere_else_in_the_clear(
             assert dump is not None
             assert secret not in dump[0], table
             assert secret.encode().hex() not in dump[0], table
+            # Nor a hash of the request with the secret in it (a guessable copy).
+            plain = json.dumps({"secret": {"$secret": secret}, "user": "app"}, sort_keys=True)
+            digest = hashlib.sha256(f"test.secret_digest\n{plain}".encode()).hexdigest()
+            assert digest not in dump[0], table
     for topic in (COMMANDS, COMMAND_RESULTS, EVENTS):
         raw = await _read_topic(
             channel.stack.kafka_bootstrap, topic.full_name(channel.stack.topic_prefix), 100_000, 2
