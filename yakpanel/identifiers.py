@@ -137,6 +137,8 @@ def ftp_user(value: object, *, field: str = "username") -> str:
             "must be 3-32 characters: a lowercase ASCII letter followed by lowercase "
             "letters, digits, '_', '.' or '-'",
         )
+    if ".." in text or text.endswith((".", "-")):
+        raise InvalidIdentifier(field, "may not hold '..' or end with '.' or '-'")
     return text
 
 

@@ -103,7 +103,7 @@ def test_redis_prefix_refuses_globs_and_missing_colon(value: str) -> None:
 
 def test_ftp_user_grammar() -> None:
     assert identifiers.ftp_user("shop.ftp-1") == "shop.ftp-1"
-    for bad in ["ab", "f" * 33, "1abc"]:
+    for bad in ["ab", "f" * 33, "1abc", "a..b.com", "shop.", "shop-"]:
         with pytest.raises(InvalidIdentifier):
             identifiers.ftp_user(bad)
 
