@@ -24,6 +24,9 @@ DEFAULT_PLANS: tuple[dict[str, Any], ...] = (
         "max_alert_rules": 50,
         "metric_retention_days": 15,
         "api_requests_per_minute": 600,
+        "max_database_users": 40,
+        "max_ftp_accounts": 20,
+        "max_redis_users": 10,
     },
     {
         "code": "business",
@@ -34,6 +37,9 @@ DEFAULT_PLANS: tuple[dict[str, Any], ...] = (
         "max_alert_rules": 1000,
         "metric_retention_days": 90,
         "api_requests_per_minute": 6000,
+        "max_database_users": 1000,
+        "max_ftp_accounts": 500,
+        "max_redis_users": 200,
     },
 )
 

@@ -59,6 +59,9 @@ class SiteSpec:
     force_https: bool
 
 
+ACME_CHALLENGE_PATH = "/.well-known/acme-challenge/"
+
+
 def validate_spec(
     kind: str,
     domains: list[str],
@@ -87,6 +90,12 @@ def validate_spec(
     sources: set[str] = set()
     for i, r in enumerate(redirects):
         source = checked(validate_url_path, r.source, f"redirects[{i}].source")
+        if source.startswith(ACME_CHALLENGE_PATH) or source == ACME_CHALLENGE_PATH.rstrip("/"):
+            raise invalid(
+                f"redirects[{i}].source",
+                f"redirects[{i}].source is under {ACME_CHALLENGE_PATH}, which serves "
+                "certificate challenges; redirect another path",
+            )
         target = checked(validate_redirect_target, r.target, f"redirects[{i}].target")
         if source in sources:
             raise invalid(f"redirects[{i}].source", f"redirects[{i}].source repeats {source}")
@@ -306,8 +315,9 @@ async def update_site(
             else [hm.RedirectIn(source=s, target=t, code=c) for s, t, c in current.redirects],  # type: ignore[arg-type]
             body.force_https if body.force_https is not None else current.force_https,
         )
-        if spec == current:
+        if spec == current and row["status"] != "failed":
             return before
+        # (The same spec on a failed site applies it again: the way to retry.)
         require_no_issuance(cert)
         if spec.domains != current.domains:
             await _claim_domains(uow, site_id, spec.domains)

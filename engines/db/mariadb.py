@@ -191,6 +191,8 @@ class MariaDbAdmin:
                     "database_missing",
                     f"database {p.database!r} does not exist: create it with "
                     "db.mariadb.database.create first",
+                    # Retryable: the database may be on its way (its own workflow).
+                    retryable=True,
                 )
             existing = _existing_hosts(cur, p.user)
             for host in hosts:

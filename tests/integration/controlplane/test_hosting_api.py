@@ -313,6 +313,20 @@ async def test_site_lifecycle_follows_its_workflows(api: Api, node: Node) -> Non
     assert failed["status"] == "failed"
     assert "upstream refused" in failed["last_error"]
 
+    # The same spec again on a failed site is the way to retry it.
+    r = await c.patch(f"{base(t)}/sites/{site_id}", json={})
+    assert r.status_code == 202, r.text
+    retry = r.json()["workflow_id"]
+    assert retry != changed["workflow_id"] and r.json()["status"] == "provisioning"
+    (step,) = steps_of(api, retry)
+    assert step["payload"]["kind"] == "proxy"
+    command = await node.pending(retry)
+    await node.report(command, output={"config_path": "x", "changed": True, "document_root": root})
+    assert (await c.get(f"{base(t)}/sites/{site_id}")).json()["status"] == "active"
+    # …and an active site with nothing changed starts nothing.
+    r = await c.patch(f"{base(t)}/sites/{site_id}", json={})
+    assert r.status_code == 202 and r.json()["workflow_id"] == retry
+
     # Deletion: the row stays `deleting` until the node confirms, then it is gone.
     r = await c.delete(f"{base(t)}/sites/{site_id}")
     assert r.status_code == 202, r.text
@@ -334,6 +348,8 @@ async def test_site_lifecycle_follows_its_workflows(api: Api, node: Node) -> Non
         "site.applied",
         "site.updated",
         "site.apply_failed",
+        "site.updated",
+        "site.applied",
         "site.delete_requested",
         "site.deleted",
     ]
@@ -539,6 +555,16 @@ async def test_injection_corpus_is_refused_before_anything_is_stored(api: Api, n
             {"server_id": server_id, "name": "shop", "prefix": bad},
             "prefix",
         )
+    # The challenge path must keep serving certificate challenges.
+    await _problem(
+        c,
+        "POST",
+        sites_url,
+        site_body(
+            server_id, redirects=[{"source": "/.well-known/acme-challenge/t", "target": "/"}]
+        ),
+        "redirects",
+    )
     for path in ("/../etc/passwd", "/a b", "/x;y", "/x{y}", "/x\nreturn 200", "/" + "a" * 1100):
         await _problem(
             c,

@@ -295,6 +295,7 @@ async def test_user_needs_an_existing_database(
             {"user": user, "password": ODD_PASSWORD, "database": name("db")},
         )
     assert err.value.code == "database_missing"
+    assert err.value.retryable  # its database may still be on its way
     assert admin_query(mariadb_server, "SELECT User FROM mysql.user WHERE User = %s", (user,)) == []
 
 
