@@ -12,6 +12,7 @@ import binascii
 import os
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -128,6 +129,17 @@ class Settings(BaseSettings):
         allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
         if not set(value) <= allowed or len(value) > 100:
             raise ValueError("kafka_topic_prefix may hold only letters, digits, '.', '_', '-'")
+        return value
+
+    @field_validator("acme_directory_url")
+    @classmethod
+    def _acme_directory_is_https(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme != "https" or not parts.hostname:
+            raise ValueError(
+                "acme_directory_url must be an https:// URL (ACME servers speak HTTPS only), "
+                "e.g. https://acme-v02.api.letsencrypt.org/directory"
+            )
         return value
 
     @field_validator("internal_token")

@@ -104,3 +104,14 @@ def test_topic_prefix_grammar(prefix: str) -> None:
 def test_clickhouse_database_name_grammar() -> None:
     with pytest.raises(ValidationError):
         Settings(clickhouse_database="x`; DROP")
+
+
+@pytest.mark.parametrize(
+    "url", ["http://acme.example.com/dir", "acme.example.com/directory", "https:///dir"]
+)
+def test_acme_directory_must_be_https(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("YAKPANEL_ACME_DIRECTORY_URL", url)
+    with pytest.raises(ValidationError, match="acme_directory_url must be an https"):
+        Settings()
+    monkeypatch.setenv("YAKPANEL_ACME_DIRECTORY_URL", "https://127.0.0.1:14000/dir")
+    assert Settings().acme_directory_url == "https://127.0.0.1:14000/dir"
