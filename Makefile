@@ -40,12 +40,22 @@ up: $(VENV)/.installed-embedded
 	$(BIN)/yakpanel up --state-dir $(STATE_DIR)
 
 # Install the Debian packages named in $(1) that are missing (needs root, once).
+# Their system services (nginx, MariaDB, Redis, pure-ftpd) are not started: tests and
+# benchmarks run private instances on loopback ports, and idle daemons would only take
+# memory and CPU (a policy-rc.d that refuses starts exists for the install only).
 define apt_install
 	@missing=""; \
 	for pkg in $(1); do dpkg -s "$$pkg" >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
+		made_policy=""; \
+		if [ ! -e /usr/sbin/policy-rc.d ]; then \
+			printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && made_policy=1; \
+		fi; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+		status=$$?; \
+		if [ -n "$$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi; \
+		exit $$status; \
 	fi
 endef
 
