@@ -18,6 +18,7 @@ import fcntl
 import logging
 import os
 import pwd
+import stat
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -32,6 +33,8 @@ from yakpanel import identifiers
 log = logging.getLogger(__name__)
 
 PURE_PW_TIMEOUT_S = 60.0
+# The default page `site.apply` writes into an empty document root (engines.site.engine).
+PLACEHOLDER_PAGE = "index.html"
 
 
 def _site_id(value: str) -> str:
@@ -252,7 +255,11 @@ def _prepare_home(home: Path, document_root: Path, uid: int, gid: int) -> None:
     """Make the home exist and let the FTP system account write into it and its web root.
 
     Only these two directories change owner (never recursively, never through a
-    symlink), so existing files keep theirs.
+    symlink), so existing files keep theirs, with one exception: the placeholder page
+    the engine itself wrote (`site.apply`, as the agent's user). The page tells the user
+    to replace it by uploading their own, and an upload over a file the account cannot
+    write fails with "Permission denied", so it is handed over when it is still a plain,
+    singly linked file owned by the agent.
     """
     home.mkdir(mode=0o755, parents=True, exist_ok=True)
     for directory in (home, document_root):
@@ -263,3 +270,8 @@ def _prepare_home(home: Path, document_root: Path, uid: int, gid: int) -> None:
             )
         if directory.is_dir():
             os.chown(directory, uid, gid, follow_symlinks=False)
+    placeholder = document_root / PLACEHOLDER_PAGE
+    with contextlib.suppress(FileNotFoundError):
+        st = placeholder.lstat()
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.geteuid():
+            os.chown(placeholder, uid, gid, follow_symlinks=False)
