@@ -141,6 +141,9 @@ async def test_account_logs_in_and_cannot_leave_its_site(env: Env) -> None:
         ftp.storbinary("STOR upload.txt", io.BytesIO(b"hello from ftp"))
         assert "upload.txt" in ftp.nlst()
         assert (home / "public" / "upload.txt").read_bytes() == b"hello from ftp"
+        # The page the node put there first (as the agent's user) can be replaced.
+        ftp.storbinary("STOR index.html", io.BytesIO(b"my own page"))
+        assert (home / "public" / "index.html").read_bytes() == b"my own page"
 
         for escape in ("../../..", "/", "../../../../../../.."):
             ftp.cwd(escape)
