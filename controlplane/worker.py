@@ -104,10 +104,12 @@ class ControlPlaneWorker:
                 await asyncio.wait_for(self._stop.wait(), self.housekeeping_interval_s)
 
     def _beat(self) -> None:
-        # For container health checks: fresh while housekeeping runs and the relay lives.
+        # For container health checks: fresh while housekeeping runs and every other loop
+        # (relay, consumers, workflow driver, certificate renewal) lives; a dead one would
+        # leave events unpublished or hosting changes stuck with the container "healthy".
         path = self.stack.settings.worker_heartbeat_file
-        relay_alive = bool(self._tasks) and not self._tasks[0].done()
-        if path is not None and relay_alive:
+        loops_alive = bool(self._tasks) and not any(t.done() for t in self._tasks)
+        if path is not None and loops_alive:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.touch()
 
