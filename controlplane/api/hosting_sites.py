@@ -45,8 +45,10 @@ async def get_site(access: TenantScope, site_id: SiteId, cp: ControlPlaneDep) ->
 async def update_site(
     access: TenantScope, site_id: SiteId, body: hm.SiteUpdate, cp: ControlPlaneDep
 ) -> hm.SiteOut:
-    """Change kind, upstream, domains, redirects or force_https: a new `site.apply`."""
-    return await sites.update_site(cp.db, cp.secrets, access, site_id, body)
+    """Change kind, upstream, domains, redirects or force_https: a new `site.apply` (and,
+    when the names of a site serving HTTPS change, a certificate for the new names).
+    While a workflow of the site or its certificate runs: 409 `resource_busy`."""
+    return await sites.update_site(cp.db, cp.secrets, cp.settings, access, site_id, body)
 
 
 @router.delete("/{site_id}", status_code=202, responses=WRITES)
@@ -73,7 +75,8 @@ async def request_certificate(
     body: Annotated[hm.CertificateRequest | None, Body()] = None,
 ) -> hm.CertificateOut:
     """Issue (or re-issue with `force`) a certificate for the site's domains via ACME,
-    then serve HTTPS with it."""
+    then serve HTTPS with it. The site must be `active` (409 `site_not_active`), with no
+    workflow of it running (409 `resource_busy`). Also the way to retry a `failed` one."""
     return await certificates.request_certificate(
         cp.db, cp.secrets, cp.settings, access, site_id, body or hm.CertificateRequest(force=False)
     )

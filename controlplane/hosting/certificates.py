@@ -10,15 +10,23 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from controlplane.access.policy import Resource, authorize, not_found
 from controlplane.access.principal import TenantAccess
 from controlplane.db import Database, UnitOfWork
 from controlplane.hosting import models as hm
-from controlplane.hosting.common import error_text, load, start
-from controlplane.hosting.sites import READ, WRITE, apply_payload, days_left, spec_of
+from controlplane.hosting.common import error_text, load, read_ca_bundle, require_idle, start
+from controlplane.hosting.sites import (
+    ISSUE_TIMEOUT_S,
+    READ,
+    WRITE,
+    apply_payload,
+    days_left,
+    issue_payload,
+    site_subjects,
+    spec_of,
+)
 from controlplane.problems import Problem
 from controlplane.workflows import StepSpec, WorkflowOutcome
 from yakpanel.secretbox import SecretBox
@@ -26,7 +34,8 @@ from yakpanel.settings import Settings
 
 ISSUE, RENEW = "certificate.issue", "certificate.renew"
 ISSUE_STEP, APPLY_STEP = "issue", "apply-tls"
-ISSUE_TIMEOUT_S = 600  # ACME orders wait for validation and finalization
+
+__all__ = ["ISSUE", "RENEW", "begin", "read_ca_bundle", "request_certificate"]
 
 
 def certificate_out(row: dict[str, Any], now: datetime) -> hm.CertificateOut:
@@ -47,34 +56,11 @@ def certificate_out(row: dict[str, Any], now: datetime) -> hm.CertificateOut:
     )
 
 
-def read_ca_bundle(path: Path | None) -> str | None:
-    """The PEM text of the operator's private ACME CA (e.g. Pebble), sent with the order."""
-    if path is None:
-        return None
-    try:
-        return path.read_text()
-    except OSError as exc:
-        raise Problem(
-            503,
-            "acme_ca_bundle_unreadable",
-            f"the configured ACME CA bundle {path} cannot be read ({exc.strerror});"
-            " fix YAKPANEL_ACME_CA_BUNDLE",
-        ) from None
-
-
 def issue_steps(
     site: dict[str, Any], settings: Settings, ca_bundle: str | None, force: bool
 ) -> list[StepSpec]:
     site_id: uuid.UUID = site["id"]
-    issue = {
-        "site_id": str(site_id),
-        "domains": list(site["domains"]),
-        "directory_url": settings.acme_directory_url,
-        "email": settings.acme_email,
-        "ca_bundle": ca_bundle,
-        "force": force,
-        "renew_before_days": settings.certificate_renew_before_days,
-    }
+    issue = issue_payload(site_id, site["domains"], settings, ca_bundle, force)
     return [
         StepSpec(
             ISSUE_STEP,
@@ -108,7 +94,10 @@ async def begin(
         site["id"],
         issue_steps(site, settings, ca_bundle, force),
     )
-    state = "renewing" if current is not None and current["not_after"] is not None else "requested"
+    # `renewing` only while a certificate is served (the site has tls): one issued but
+    # never served (its `apply-tls` failed) is still a first issuance.
+    serving = site["tls"] and current is not None and current["not_after"] is not None
+    state = "renewing" if serving else "requested"
     now = uow.clock.now()
     row = await (
         await uow.conn.execute(
@@ -138,15 +127,19 @@ async def request_certificate(
     async with db.unit_of_work(access.actor(), access.tenant_id) as uow:
         await authorize(uow, access, WRITE, Resource("site", site_id))
         site = await load(uow, "sites", site_id, "site", lock=True)
+        current = await _row(uow, site_id, lock=True)
+        await require_idle(uow, site_subjects(site_id))
         if site["status"] == "deleting":
             raise Problem(409, "site_deleting", "the site is being deleted")
-        current = await _row(uow, site_id, lock=True)
-        if current is not None and current["state"] in ("requested", "renewing"):
+        if site["status"] != "active":
             raise Problem(
                 409,
-                "certificate_busy",
-                "a certificate for this site is being issued; wait for it to finish",
-                workflow_id=str(current["workflow_id"]),
+                "site_not_active",
+                f"the site is {site['status']} (its last change did not apply; see its"
+                " last_error); the CA checks the domains over HTTP through the site's own"
+                " config, so fix the site first (PATCH it) and request the certificate once"
+                " it is active",
+                site_status=site["status"],
             )
         before = certificate_out(current, uow.clock.now()) if current else None
         row = await begin(uow, box, settings, site, current, ISSUE, body.force, ca_bundle)
@@ -219,12 +212,23 @@ async def on_finished(uow: UnitOfWork, outcome: WorkflowOutcome) -> None:
         )
         action = "certificate.issued" if issued and issued.get("issued") else "certificate.checked"
     else:
-        renewal = row["not_after"] is not None or outcome.kind == RENEW
+        site = await (
+            await uow.conn.execute("SELECT tls FROM sites WHERE id = %s", (row["site_id"],))
+        ).fetchone()
+        # A renewal failed when a certificate is served: the previous one keeps serving.
+        renewal = bool(site and site["tls"])
+        error = error_text(outcome)
+        if not renewal and issued and issued.get("not_after"):
+            error = (
+                "the certificate was issued and installed on the server, but serving it"
+                f" failed: {error}. Fix the cause and request the certificate again: the"
+                " installed certificate is reused, nothing new is ordered"
+            )[:2000]
         state = "renewal_failed" if renewal else "failed"
         await uow.conn.execute(
             "UPDATE site_certificates SET state = %s, last_error = %s, updated_at = now()"
             " WHERE site_id = %s",
-            (state, error_text(outcome), row["site_id"]),
+            (state, error, row["site_id"]),
         )
         action = "certificate.renewal_failed" if renewal else "certificate.failed"
     after = await _row(uow, row["site_id"])

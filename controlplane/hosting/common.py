@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from psycopg import sql
@@ -85,15 +86,102 @@ async def load(
     return row
 
 
-def require_settled(row: dict[str, Any], kind: str, allowed: Sequence[str] = ("active",)) -> None:
-    if row["status"] not in allowed:
+RUNNING_STATES = ("running", "compensating")
+
+# What a running workflow is doing, for the 409 that makes a second write wait.
+_DOING = {
+    "site.create": "the site is being provisioned",
+    "site.update": "a change to the site is being applied",
+    "site.delete": "the site is being deleted",
+    "certificate.issue": "a certificate is being issued for the site",
+    "certificate.renew": "the site's certificate is being renewed",
+}
+_LABELS = {
+    "ftp_account": "FTP account",
+    "database": "database",
+    "database_user": "database user",
+    "redis_user": "Redis user",
+}
+
+
+def describe_workflow(kind: str) -> str:
+    if kind in _DOING:
+        return _DOING[kind]
+    resource, _, verb = kind.rpartition(".")
+    label = _LABELS.get(resource, resource.replace("_", " "))
+    if verb == "password":
+        return f"a password rotation of the {label} is pending"
+    if verb == "create":
+        return f"the {label} is being created"
+    if verb == "delete":
+        return f"the {label} is being deleted"
+    return f"a {kind} workflow is running"
+
+
+async def require_idle(uow: UnitOfWork, subjects: Sequence[tuple[str, uuid.UUID]]) -> None:
+    """Refuse a write while a workflow for any of `subjects` (subject type, id) runs.
+
+    The node may run two commands for one resource in either order, so two workflows at
+    once could leave the stored state (or password) and the node apart: one change at a
+    time. Callers lock the resource row (FOR UPDATE) first, so of two concurrent
+    requests the second waits, then sees the first one's workflow here."""
+    if not subjects:
+        return
+    row = await (
+        await uow.conn.execute(
+            """SELECT id, kind FROM workflows WHERE tenant_id = %s
+               AND state IN ('running', 'compensating')
+               AND (subject_type, subject_id) IN
+                   (SELECT * FROM unnest(%s::text[], %s::uuid[]))
+               ORDER BY created_at LIMIT 1""",
+            (uow.tenant_id, [t for t, _ in subjects], [i for _, i in subjects]),
+        )
+    ).fetchone()
+    if row is not None:
         raise Problem(
             409,
             "resource_busy",
-            f"the {kind} is {row['status']}; wait until its current change finishes and retry",
+            f"{describe_workflow(row['kind'])} (workflow {row['id']}); retry when it has finished",
+            workflow_id=str(row["id"]),
+            workflow_kind=row["kind"],
+        )
+
+
+def require_settled(row: dict[str, Any], kind: str, allowed: Sequence[str] = ("active",)) -> None:
+    """The row's own status must allow the write (e.g. a rotation needs an `active` row)."""
+    if row["status"] in allowed:
+        return
+    if row["status"] == "failed":
+        raise Problem(
+            409,
+            "resource_failed",
+            f"the {kind} is failed (its last change did not reach the server, see"
+            " last_error); delete it and create it again",
             resource_status=row["status"],
             workflow_id=str(row["workflow_id"]) if row["workflow_id"] else None,
         )
+    raise Problem(
+        409,
+        "resource_busy",
+        f"the {kind} is {row['status']}; retry when its current change has finished",
+        resource_status=row["status"],
+        workflow_id=str(row["workflow_id"]) if row["workflow_id"] else None,
+    )
+
+
+def read_ca_bundle(path: Path | None) -> str | None:
+    """The PEM text of the operator's private ACME CA (e.g. Pebble), sent with the order."""
+    if path is None:
+        return None
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise Problem(
+            503,
+            "acme_ca_bundle_unreadable",
+            f"the configured ACME CA bundle {path} cannot be read ({exc.strerror});"
+            " fix YAKPANEL_ACME_CA_BUNDLE",
+        ) from None
 
 
 async def start(

@@ -22,6 +22,7 @@ from controlplane.hosting.common import (
     error_text,
     load,
     owned_row,
+    require_idle,
     seal_password,
     set_status,
     start,
@@ -73,6 +74,11 @@ class CredentialKind:
         password: str,
         step: StepSpec,
     ) -> uuid.UUID:
+        """Rotate the password of a row the caller locked (FOR UPDATE) and found `active`.
+
+        Refused while any workflow of the row runs: two rotations at once could reach
+        the node in either order, and the stored password would not be the node's."""
+        await require_idle(uow, [(self.resource_type, row["id"])])
         await uow.conn.execute(
             f"UPDATE {self.table} SET pending_password_sealed = %s WHERE id = %s",
             (seal_password(box, self.table, row["id"], password), row["id"]),
@@ -90,6 +96,9 @@ class CredentialKind:
     async def delete(
         self, uow: UnitOfWork, box: SecretBox, row: dict[str, Any], step: StepSpec
     ) -> BaseModel:
+        """Delete a row the caller locked (FOR UPDATE); not while its create or a rotation
+        runs (the node could run the delete first). A `failed` row can be deleted."""
+        await require_idle(uow, [(self.resource_type, row["id"])])
         before = self.render(row).model_dump(mode="json")
         await set_status(uow, self.table, row["id"], "deleting", None)
         await self.started(uow, box, self.delete_kind, row["id"], step)

@@ -27,13 +27,18 @@ from controlplane.hosting.common import (
 )
 from controlplane.hosting.credentials import CredentialKind
 from controlplane.problems import Problem
-from controlplane.workflows import StepSpec
+from controlplane.workflows import RetryPolicy, StepSpec
 from yakpanel import identifiers
 from yakpanel.ids import new_id
 from yakpanel.secretbox import SecretBox
 
 READ, WRITE = "databases:read", "databases:write"
 TABLE, USERS = "hosted_databases", "database_users"
+
+# A user may be created while its database is still being created: the node may run the
+# user's command first, which fails `database_missing` (retryable). Six attempts with
+# waits drawn from up to 2, 4, 8, 16 and 32 s give the database's own step time to land.
+USER_CREATE_RETRY = RetryPolicy(max_attempts=6, base_delay_s=2.0)
 
 
 def database_out(row: dict[str, Any]) -> hm.DatabaseOut:
@@ -237,6 +242,7 @@ async def create_user(
             "db.mariadb.user.create",
             {"user": name, "password": secret(password), "database": database["name"]},
             compensation=("db.mariadb.user.drop", {"user": name}),
+            retry=USER_CREATE_RETRY,
         )
         await DATABASE_USER.started(uow, box, DATABASE_USER.create_kind, user_id, step)
         out = user_out(await load(uow, USERS, user_id, "database user"))

@@ -1,7 +1,10 @@
 """The certificate renewal loop, run by the control-plane worker.
 
-Certificates that expire within `certificate_renew_before_days` and have no workflow
-running get a renewal workflow. A failed renewal is retried after
+Certificates that expire within `certificate_renew_before_days`, of `active` sites with
+no workflow running, get a renewal workflow. A first issuance that failed (`failed`) is
+left to the tenant: it usually failed validation (DNS or port 80 not reaching the node),
+which retrying cannot fix, and the CA limits failed validations — `POST …/certificate`
+retries it. A failed renewal is retried after
 `certificate_renewal_retry_s`, not at every round: an ACME server that refused once is
 not hammered, and the old certificate keeps serving meanwhile.
 """
@@ -16,6 +19,8 @@ from datetime import timedelta
 
 from controlplane.db import SYSTEM, Database
 from controlplane.hosting.certificates import RENEW, begin, read_ca_bundle
+from controlplane.hosting.common import require_idle
+from controlplane.hosting.sites import site_subjects
 from controlplane.problems import Problem
 from yakpanel.secretbox import SecretBox
 from yakpanel.settings import Settings
@@ -46,21 +51,26 @@ async def renew_due(db: Database, box: SecretBox, settings: Settings) -> list[uu
     for r in rows:
         try:
             async with db.unit_of_work(SYSTEM, r["tenant_id"]) as uow:
+                # The site first, as every site write locks it: one order, no deadlock.
+                site = await (
+                    await uow.conn.execute(
+                        "SELECT * FROM sites WHERE id = %s FOR UPDATE", (r["site_id"],)
+                    )
+                ).fetchone()
                 cert = await (
                     await uow.conn.execute(
                         "SELECT * FROM site_certificates WHERE site_id = %s FOR UPDATE",
                         (r["site_id"],),
                     )
                 ).fetchone()
-                site = await (
-                    await uow.conn.execute(
-                        "SELECT * FROM sites WHERE id = %s FOR UPDATE", (r["site_id"],)
-                    )
-                ).fetchone()
-                if cert is None or site is None or site["status"] == "deleting":
+                if cert is None or site is None or site["status"] != "active":
+                    # Deleting, or a change that did not apply: renewing would apply a
+                    # config the node does not have. It is due again next round.
                     continue
                 if cert["state"] not in ("valid", "renewal_failed"):
                     continue  # another worker got there first
+                # A change of the site runs: it is due again next round.
+                await require_idle(uow, site_subjects(r["site_id"]))
                 row = await begin(uow, box, settings, site, cert, RENEW, False, ca_bundle)
                 await uow.record(
                     "certificate.renewal_started",

@@ -27,6 +27,8 @@ from controlplane.hosting.common import (
     invalid,
     load,
     owned_row,
+    read_ca_bundle,
+    require_idle,
     require_server,
     set_status,
     start,
@@ -42,10 +44,13 @@ from yakpanel.hostnames import (
 )
 from yakpanel.ids import new_id
 from yakpanel.secretbox import SecretBox
+from yakpanel.settings import Settings
 
 READ, WRITE = "sites:read", "sites:write"
 TABLE = "sites"
 CREATE, UPDATE, DELETE = "site.create", "site.update", "site.delete"
+CERTIFICATE_STEP = "certificate"  # the re-issue step of an update that changes domains
+ISSUE_TIMEOUT_S = 600  # ACME orders wait for validation and finalization
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,37 @@ def remove_payload(site_id: uuid.UUID, delete_files: bool = False) -> dict[str, 
     return {"site_id": str(site_id), "delete_files": delete_files}
 
 
+def issue_payload(
+    site_id: uuid.UUID,
+    domains: tuple[str, ...] | list[str],
+    settings: Settings,
+    ca_bundle: str | None,
+    force: bool,
+) -> dict[str, Any]:
+    """The `site.certificate.issue` payload (engines/site contract)."""
+    return {
+        "site_id": str(site_id),
+        "domains": list(domains),
+        "directory_url": settings.acme_directory_url,
+        "email": settings.acme_email,
+        "ca_bundle": ca_bundle,
+        "force": force,
+        "renew_before_days": settings.certificate_renew_before_days,
+    }
+
+
+def site_subjects(site_id: uuid.UUID) -> list[tuple[str, uuid.UUID]]:
+    """The workflow subjects a site write waits for: the site's own workflows and its
+    certificate's (an issuance ends by applying the site's config as it was when it
+    started, so a change made meanwhile would be overwritten)."""
+    return [("site", site_id), ("site_certificate", site_id)]
+
+
+def needs_new_certificate(tls: bool, cert: dict[str, Any] | None, domains: tuple[str, ...]) -> bool:
+    """A site serving HTTPS whose certificate does not cover exactly its names."""
+    return tls and cert is not None and set(cert["domains"]) != set(domains)
+
+
 def ftp_step(username: str) -> str:
     return f"ftp:{username}"
 
@@ -179,18 +215,6 @@ async def _certificate(uow: UnitOfWork, site_id: uuid.UUID) -> dict[str, Any] | 
     return await (
         await uow.conn.execute("SELECT * FROM site_certificates WHERE site_id = %s", (site_id,))
     ).fetchone()
-
-
-def require_no_issuance(cert: dict[str, Any] | None) -> None:
-    """An issuance ends by applying the site's config as it was when it started; a change
-    made meanwhile would be overwritten, so changes wait for it."""
-    if cert is not None and cert["state"] in ("requested", "renewing"):
-        raise Problem(
-            409,
-            "certificate_busy",
-            "a certificate is being issued for this site; retry when it has finished",
-            workflow_id=str(cert["workflow_id"]),
-        )
 
 
 async def _out(uow: UnitOfWork, site_id: uuid.UUID) -> hm.SiteOut:
@@ -291,13 +315,24 @@ async def create_site(
 
 
 async def update_site(
-    db: Database, box: SecretBox, access: TenantAccess, site_id: uuid.UUID, body: hm.SiteUpdate
+    db: Database,
+    box: SecretBox,
+    settings: Settings,
+    access: TenantAccess,
+    site_id: uuid.UUID,
+    body: hm.SiteUpdate,
 ) -> hm.SiteOut:
+    """Store the new desired state and start `site.update`.
+
+    When the names of a site that serves HTTPS change, the same workflow also orders a
+    certificate for the new names: first the new config goes live with the old
+    certificate (the old names keep working over HTTPS, and port 80 answers the new
+    names' HTTP-01 challenges), then the engine issues and installs the new certificate,
+    which nginx serves at once. If the order fails, the config change is undone, so the
+    node keeps serving the old names with their valid certificate."""
     async with db.unit_of_work(access.actor(), access.tenant_id) as uow:
         await authorize(uow, access, WRITE, Resource("site", site_id))
         row = await load(uow, TABLE, site_id, "site", lock=True)
-        if row["status"] == "deleting":
-            raise Problem(409, "site_deleting", "the site is being deleted; it cannot change")
         cert = await _certificate(uow, site_id)
         before = site_out(row, cert, uow.clock.now())
         current = spec_of(row)
@@ -315,20 +350,42 @@ async def update_site(
             else [hm.RedirectIn(source=s, target=t, code=c) for s, t, c in current.redirects],  # type: ignore[arg-type]
             body.force_https if body.force_https is not None else current.force_https,
         )
-        if spec == current and row["status"] != "failed":
+        # (After the grammar checks: a refused name is a 422 whatever runs.)
+        await require_idle(uow, site_subjects(site_id))
+        if row["status"] == "deleting":
+            raise Problem(409, "site_deleting", "the site is being deleted; it cannot change")
+        reissue = needs_new_certificate(row["tls"], cert, spec.domains)
+        if spec == current and row["status"] != "failed" and not reissue:
             return before
         # (The same spec on a failed site applies it again: the way to retry.)
-        require_no_issuance(cert)
         if spec.domains != current.domains:
             await _claim_domains(uow, site_id, spec.domains)
-        step = StepSpec(
-            "apply",
-            row["server_id"],
-            "site.apply",
-            apply_payload(site_id, spec, row["tls"]),
-            compensation=("site.apply", apply_payload(site_id, current, row["tls"])),
-        )
-        workflow_id = await start(uow, box, UPDATE, "site", site_id, [step])
+        steps = [
+            StepSpec(
+                "apply",
+                row["server_id"],
+                "site.apply",
+                apply_payload(site_id, spec, row["tls"]),
+                compensation=("site.apply", apply_payload(site_id, current, row["tls"])),
+            )
+        ]
+        if reissue:
+            steps.append(
+                StepSpec(
+                    CERTIFICATE_STEP,
+                    row["server_id"],
+                    "site.certificate.issue",
+                    issue_payload(
+                        site_id,
+                        spec.domains,
+                        settings,
+                        read_ca_bundle(settings.acme_ca_bundle),
+                        force=False,
+                    ),
+                    timeout_s=ISSUE_TIMEOUT_S,
+                )
+            )
+        workflow_id = await start(uow, box, UPDATE, "site", site_id, steps)
         await uow.conn.execute(
             """UPDATE sites SET kind = %s, domains = %s, upstream = %s, redirects = %s,
                    force_https = %s, status = 'provisioning', workflow_id = %s,
@@ -366,13 +423,18 @@ async def delete_site(
         before = site_out(row, cert, uow.clock.now())
         if row["status"] == "deleting":
             return before
-        require_no_issuance(cert)
+        # The accounts are locked too: a rotation or delete of one of them either ran
+        # first (and is waited for below) or sees the account `deleting` afterwards.
         accounts = await (
             await uow.conn.execute(
-                "SELECT username FROM ftp_accounts WHERE site_id = %s ORDER BY username",
+                "SELECT id, username FROM ftp_accounts WHERE site_id = %s ORDER BY username"
+                " FOR UPDATE",
                 (site_id,),
             )
         ).fetchall()
+        await require_idle(
+            uow, site_subjects(site_id) + [("ftp_account", a["id"]) for a in accounts]
+        )
         steps = [
             StepSpec(
                 ftp_step(a["username"]),
@@ -424,11 +486,52 @@ async def on_applied(uow: UnitOfWork, outcome: WorkflowOutcome) -> None:
             (root if isinstance(root, str) else None, row["id"]),
         )
         action = "site.applied"
+        issued = outcome.outputs.get(CERTIFICATE_STEP)
+        if isinstance(issued, dict) and issued.get("not_after"):
+            # (Ordered for the site's names; a node that does not repeat them means those.)
+            issued = {**issued, "domains": issued.get("domains") or list(row["domains"])}
+            await _store_issued(uow, row["id"], outcome.workflow_id, issued)
     else:
         await set_status(uow, TABLE, row["id"], "failed", error_text(outcome))
         action = "site.apply_failed"
     after = await _out(uow, row["id"])
     await uow.record(action, "site", row["id"], None, after.model_dump(mode="json"))
+
+
+async def _store_issued(
+    uow: UnitOfWork, site_id: uuid.UUID, workflow_id: uuid.UUID, issued: dict[str, Any]
+) -> None:
+    """The certificate an update ordered for the site's new names is served now."""
+    from controlplane.hosting.certificates import certificate_out  # (imports this module)
+
+    now = uow.clock.now()
+    before = await _certificate(uow, site_id)
+    await uow.conn.execute(
+        """UPDATE site_certificates SET state = 'valid', issuer = %s, serial = %s,
+               not_before = %s, not_after = %s, domains = coalesce(%s, domains),
+               workflow_id = %s, last_attempt_at = %s, last_error = NULL, updated_at = now()
+           WHERE site_id = %s""",
+        (
+            issued.get("issuer"),
+            issued.get("serial"),
+            issued.get("not_before"),
+            issued.get("not_after"),
+            issued.get("domains"),
+            workflow_id,
+            now,
+            site_id,
+        ),
+    )
+    after = await _certificate(uow, site_id)
+    assert after is not None
+    action = "certificate.issued" if issued.get("issued") else "certificate.checked"
+    await uow.record(
+        action,
+        "site_certificate",
+        site_id,
+        certificate_out(before, now).model_dump(mode="json") if before else None,
+        certificate_out(after, now).model_dump(mode="json"),
+    )
 
 
 async def on_deleted(uow: UnitOfWork, outcome: WorkflowOutcome) -> None:

@@ -372,12 +372,12 @@ async def test_certificate_issue_and_renewal(api: Api, node: Node, tmp_path: Pat
     cert = r.json()
     assert cert["state"] == "requested" and cert["not_after"] is None
     r = await c.post(f"{base(t)}/sites/{site_id}/certificate", json={"force": True})
-    assert (r.status_code, r.json()["code"]) == (409, "certificate_busy")
+    assert (r.status_code, r.json()["code"]) == (409, "resource_busy")
     # The issuance ends by applying the site's config: changes wait until it is done.
     r = await c.patch(f"{base(t)}/sites/{site_id}", json={"force_https": True})
-    assert (r.status_code, r.json()["code"]) == (409, "certificate_busy")
+    assert (r.status_code, r.json()["code"]) == (409, "resource_busy")
     r = await c.delete(f"{base(t)}/sites/{site_id}")
-    assert (r.status_code, r.json()["code"]) == (409, "certificate_busy")
+    assert (r.status_code, r.json()["code"]) == (409, "resource_busy")
 
     issue, tls = steps_of(api, cert["workflow_id"])
     domains = ["shop.example.com", "www.shop.example.com"]
