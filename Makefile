@@ -68,7 +68,7 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/mypy
 
 test: system-deps $(VENV)/.installed-dev lint
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest --durations=15 $(PYTEST_ARGS)
 
 unit: $(VENV)/.installed-dev
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
