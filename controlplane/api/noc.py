@@ -70,7 +70,8 @@ _LOGIN_TOKEN = re.compile(r"^[A-Za-z0-9_-]{43}$")
 _NEXT_URL = re.compile(
     r"^/noc/(servers/[0-9a-f-]{36}"
     r"|alerts(/[0-9a-f-]{36}/[0-9a-f]{32})?"
-    r"|incidents(/[0-9a-f-]{36}/[0-9a-f-]{36})?)?"
+    r"|incidents(/[0-9a-f-]{36}/[0-9a-f-]{36})?"
+    r"|sites(/[0-9a-f-]{36}/[0-9a-f-]{36})?)?"
     r"(\?[A-Za-z0-9=&_.%-]{0,200})?\Z"
 )
 

@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import fastapi.routing
 import httpx
+import psycopg
 import pytest
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
@@ -129,6 +130,11 @@ NOT_TENANT_SCOPED: dict[tuple[str, str], tuple[Access, str]] = {
     ("POST", "/noc/alerts/{tenant}/{fingerprint}/silences/{silence_id}/expire"): (
         "own-tenants",
         "NOC expire button: B's alert is 404 as none's, before the form is read",
+    ),
+    ("GET", "/noc/sites"): ("own-tenants", "NOC sites: sites of the caller's tenants (only A)"),
+    ("GET", "/noc/sites/{tenant}/{site_id}"): (
+        "own-tenants",
+        "NOC site page: B's site is the page of a site that does not exist",
     ),
     ("GET", "/noc/incidents"): (
         "own-tenants",
@@ -545,7 +551,7 @@ async def seed(api: Api, t: Tenant) -> Seeded:
 
     # Hosting: a site with a certificate request and an FTP account, a database with a
     # user, a Redis user (writes answer 202: stored, and a workflow started).
-    hosting = await _hosting(c, base, tag)
+    hosting = await _hosting(api, c, base, tag)
     hosting_server = hosting.pop("server")
 
     me = (await c.get("/v1/auth/me")).json()
@@ -574,7 +580,18 @@ async def _accepted(response: httpx.Response) -> dict[str, Any]:
     return body
 
 
-async def _hosting(c: Client, base: str, tag: str) -> dict[str, str]:
+def _site_provisioned(api: Api, site: dict[str, Any]) -> None:
+    """What the workflow driver records when the node has applied the site (no driver
+    runs here): a certificate can only be asked for an active, idle site."""
+    with psycopg.connect(api.stack.postgres_dsn) as conn:
+        conn.execute(
+            "UPDATE workflows SET state = 'succeeded', finished_at = now() WHERE id = %s",
+            (site["workflow_id"],),
+        )
+        conn.execute("UPDATE sites SET status = 'active' WHERE id = %s", (site["id"],))
+
+
+async def _hosting(api: Api, c: Client, base: str, tag: str) -> dict[str, str]:
     # On a server of their own: the control below deletes `server_id`, which removes
     # what lives on it, and these resources must outlive it.
     server = await _created(await c.post(f"{base}/servers", json={"name": f"{tag}-web"}))
@@ -585,6 +602,7 @@ async def _hosting(c: Client, base: str, tag: str) -> dict[str, str]:
             json={"server_id": server_id, "kind": "static", "domains": [f"{tag}.example.com"]},
         )
     )
+    _site_provisioned(api, site)
     await _accepted(await c.post(f"{base}/sites/{site['id']}/certificate", json={}))
     ftp = await _accepted(
         await c.post(f"{base}/sites/{site['id']}/ftp-accounts", json={"username": f"{tag}-ftp"})
@@ -874,6 +892,7 @@ async def test_platform_routes_do_not_reach_other_tenants(api: Api) -> None:
                     a.ids["server_id"] in r.text
                     or a_alert in r.text
                     or a.ids["incident_id"] in r.text
+                    or a.ids["site_id"] in r.text
                 )
 
         # The internal routes are for services: a tenant's principal is not one.
