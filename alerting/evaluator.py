@@ -16,7 +16,11 @@ Per rule and evaluation time `at` (the group's clock tick):
    - resolved alerts are kept `resolved_retention` (15 min), then dropped; active again
      before that, a new episode starts (resolved → pending);
    - a failed query leaves every alert as it was and marks the rule's health `error`
-     with the message: a transient store failure neither resolves nor re-fires anything.
+     with the message: a transient store failure neither resolves nor re-fires anything;
+   - `hold_absent` (the evaluations streaming runs when samples arrive, between the
+     group's interval evaluations): alerts whose series are absent stay as they were —
+     only the interval evaluations end a pending `for` or resolve, so evaluating on
+     every sample fires sooner but does not make a noisy series flap more than before.
 3. `RuleEvaluator.evaluate_group` runs a group at the injected clock's time, and resolves
    the alerts of rules that were removed from the group.
 
@@ -173,6 +177,7 @@ def advance(
     tenant_id: str,
     limit: int = 0,
     settings: EvaluatorSettings | None = None,
+    hold_absent: bool = False,
 ) -> RuleEvaluation:
     """The rule's next state at evaluation time `at`, given what its query found."""
     if at.tzinfo is None:
@@ -218,7 +223,9 @@ def advance(
         (a for fp, a in previous.items() if fp not in built), key=lambda a: sorted(a.labels.items())
     )
     for old in gone:
-        if old.state == AlertState.PENDING:
+        if hold_absent and old.state in (AlertState.PENDING, AlertState.FIRING):
+            alerts[old.fingerprint] = old
+        elif old.state == AlertState.PENDING:
             moved.append((dataclasses.replace(old, state=AlertState.INACTIVE), old.state))
         elif old.state == AlertState.FIRING:
             since = old.keep_firing_since or at
@@ -290,9 +297,12 @@ class RuleEvaluator:
         group: RuleGroup,
         state: GroupState | None = None,
         at: datetime | None = None,
+        *,
+        hold_absent: bool = False,
     ) -> GroupEvaluation:
         """One evaluation of every rule of `group` at `at` (default: the clock's now,
-        to the millisecond), from `state` (None: nothing known yet)."""
+        to the millisecond), from `state` (None: nothing known yet). `hold_absent`: see
+        `advance`."""
         at = at or self.clock.now()
         at = at.replace(microsecond=at.microsecond // 1000 * 1000)
         state = state or GroupState()
@@ -309,6 +319,7 @@ class RuleEvaluator:
                 tenant_id=tenant_id,
                 limit=group.limit,
                 settings=self.settings,
+                hold_absent=hold_absent,
             )
             rules[rule.id] = result.state
             transitions.extend(result.transitions)

@@ -1,8 +1,10 @@
 """`python -m bench._alert_worker …`: the alert-latency benchmark's YakPanel back end.
 
 One process holds YakPanel's aggregator (Kafka → chDB) and the alerting service (rules
-read from the same chDB through the query layer; state, rule groups and notification
-config in PostgreSQL through `alerting.store`): chDB opens its path in one process only.
+read from the same chDB through the query layer, and, unless `--stream off`, evaluated on
+ingest from the service's own reading of `yak.metrics.v1`; state, rule groups and
+notification config in PostgreSQL through `alerting.store`): chDB opens its path in one
+process only.
 Before the service starts, the benchmark's rule group and notification config are stored
 for the tenant, as the API would. It prints `{"ready": …}` once both run; a line on stdin
 (or its end) stops it, after which it prints the service's and aggregator's counters.
@@ -15,6 +17,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import sys
@@ -86,6 +89,47 @@ def poll_visible(
     return {"visible": visible, "visibility_polls": polls}
 
 
+class Stalls:
+    """What holds up the worker's event loop: the lag of a 10 ms sleep, and the pauses of
+    Python's cyclic garbage collector (the services share this process and its loop)."""
+
+    def __init__(self) -> None:
+        self.lags: list[float] = []
+        self.gc_pauses: list[float] = []
+        self._gc_started = 0.0
+
+    def on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc_pauses.append(time.perf_counter() - self._gc_started)
+
+    async def watch(self) -> None:
+        while True:
+            started = time.perf_counter()
+            await asyncio.sleep(0.01)
+            self.lags.append(time.perf_counter() - started - 0.01)
+
+    def summary(self) -> dict[str, Any]:
+        lags, pauses = sorted(self.lags), sorted(self.gc_pauses)
+
+        def ms(values: list[float], q: float) -> float | None:
+            return (
+                round(1000 * values[min(len(values) - 1, int(q * len(values)))], 1)
+                if values
+                else None
+            )
+
+        return {
+            "loop_lag_ms_p50": ms(lags, 0.5),
+            "loop_lag_ms_p99": ms(lags, 0.99),
+            "loop_lag_ms_max": ms(lags, 1.0),
+            "loop_lags_over_50ms": sum(x > 0.05 for x in lags),
+            "gc_collections": len(pauses),
+            "gc_pause_ms_max": ms(pauses, 1.0),
+        }
+
+
 def _out(record: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(record) + "\n")
     sys.stdout.flush()
@@ -95,6 +139,7 @@ def main(argv: list[str]) -> None:
     from alerting.routing import parse_config
     from alerting.rules import load_rules_text
     from alerting.service import AlertingConfig, AlertingService
+    from alerting.stream import StreamConfig, WindowState
     from controlplane.crypto import SecretBox
     from ingest.aggregator.config import AggregatorConfig
     from ingest.aggregator.service import Aggregator
@@ -118,6 +163,13 @@ def main(argv: list[str]) -> None:
     p.add_argument("--max-wait-s", type=float, required=True)
     p.add_argument("--metric", required=True, help="the stored metric name, e.g. bench_alert")
     p.add_argument("--visibility-poll-ms", type=float, default=100.0)
+    p.add_argument(
+        "--stream",
+        choices=("on", "inline", "thread", "off"),
+        default="on",
+        help="streaming evaluation (on: small windows on the event loop, big ones on the"
+        " stream's thread; inline/thread: always there)",
+    )
     a = p.parse_args(argv)
     configure_logging("WARNING")
     box = SecretBox(base64.b64decode(os.environ[MASTER_KEY_ENV]))
@@ -131,7 +183,11 @@ def main(argv: list[str]) -> None:
     finally:
         client.close()
     agg_config = dataclasses.replace(AggregatorConfig(), max_wait_s=a.max_wait_s)
-    alert_config = AlertingConfig(tick_s=a.tick_s, stop_grace_s=2.0)
+    inline = {"inline": 10**12, "thread": -1}.get(a.stream, StreamConfig().inline_max_samples)
+    stream_config = dataclasses.replace(
+        StreamConfig(), enabled=a.stream != "off", inline_max_samples=inline
+    )
+    alert_config = AlertingConfig(tick_s=a.tick_s, stop_grace_s=2.0, stream=stream_config)
     notification = {
         "route": {
             "receiver": "bench",
@@ -143,11 +199,20 @@ def main(argv: list[str]) -> None:
         "receivers": [{"name": "bench", "urls": [a.webhook_url], "send_resolved": False}],
     }
 
+    stalls = Stalls()
+
     async def run() -> None:
+        gc.callbacks.append(stalls.on_gc)
+        watcher = asyncio.create_task(stalls.watch())
         aggregator = Aggregator(a.bootstrap, "", target.client, a.database, agg_config)
         await aggregator.start()
         service = AlertingService(
-            a.dsn, ClickHouseStore(target.client, a.database), sealer=box, config=alert_config
+            a.dsn,
+            ClickHouseStore(target.client, a.database),
+            sealer=box,
+            config=alert_config,
+            kafka_bootstrap=a.bootstrap,
+            topic_prefix="",
         )
         await service.store.open()
         try:
@@ -166,13 +231,18 @@ def main(argv: list[str]) -> None:
             )
 
         poller = threading.Thread(target=poll, daemon=True, name="visibility-poll")
-        poller.start()
+        if a.visibility_poll_ms > 0:  # (0: no poller, nothing competing with the services)
+            poller.start()
         await service.start()
         service_started = asyncio.get_running_loop().time()
         deadline = asyncio.get_running_loop().time() + 30
         while service.owned_tenants != {a.tenant}:
             if asyncio.get_running_loop().time() > deadline:
                 raise RuntimeError("the alerting service did not take the tenant in 30 s")
+            await asyncio.sleep(0.05)
+        while service.stream is not None and service.stream.state(a.tenant) != WindowState.READY:
+            if asyncio.get_running_loop().time() > deadline:
+                raise RuntimeError("the tenant's stream window was not ready in 30 s")
             await asyncio.sleep(0.05)
         _out(
             {
@@ -181,6 +251,8 @@ def main(argv: list[str]) -> None:
                     "aggregator_max_wait_s": agg_config.max_wait_s,
                     "aggregator_max_records": agg_config.max_records,
                     "alerting_tick_s": alert_config.tick_s,
+                    "alerting_stream": a.stream,
+                    "alerting_stream_debounce_s": stream_config.debounce_s,
                     "rule_group": {
                         "interval": a.eval_interval,
                         "evaluation_delay": "0s",
@@ -196,9 +268,11 @@ def main(argv: list[str]) -> None:
         try:
             await loop.run_in_executor(None, sys.stdin.readline)
         finally:
+            watcher.cancel()
             running_s = loop.time() - service_started
             stop_poll.set()
-            await loop.run_in_executor(None, poller.join, 10)
+            if poller.is_alive():
+                await loop.run_in_executor(None, poller.join, 10)
             await service.stop()
             await aggregator.stop()
             await service.store.open()
@@ -211,6 +285,7 @@ def main(argv: list[str]) -> None:
             _out(
                 {
                     "visibility": poll_result,
+                    "stalls": stalls.summary(),
                     "alerting_stats": {
                         "evaluations": service.evaluations,
                         "errors": service.errors,
@@ -218,6 +293,24 @@ def main(argv: list[str]) -> None:
                         "delivery_attempts": len(attempts),
                         "failed_attempts": sum(r["outcome"] != "success" for r in attempts),
                         "attempt_s_max": round(durations[-1], 3) if durations else None,
+                        "stream_evaluations": service.stream_evaluations,
+                        "ingest_evaluations": service.ingest_evaluations,
+                        "state_writes": service.state_writes,
+                        "state_write_ms_mean": round(
+                            1000 * service.state_write_seconds / service.state_writes, 2
+                        )
+                        if service.state_writes
+                        else None,
+                        "state_write_ms_max": round(1000 * service.state_write_max_s, 2),
+                        "stream_eval_ms_mean": round(
+                            1000 * service.stream_eval_seconds / service.stream_evaluations, 2
+                        )
+                        if service.stream_evaluations
+                        else None,
+                        "stream_eval_ms_max": round(1000 * service.stream_eval_max_s, 2),
+                        "stream": dataclasses.asdict(service.stream.stats)
+                        if service.stream is not None
+                        else None,
                     },
                     "aggregator_stats": {
                         "records": s.records,

@@ -98,6 +98,8 @@ class Params:
     max_wait_s: float
     seed: int
     systems: tuple[str, ...]
+    stream: str = "on"
+    visibility_poll_ms: float = 100.0
 
     def fields(self) -> dict[str, Any]:
         return {
@@ -107,6 +109,8 @@ class Params:
             "round_interval_s": self.round_interval_s,
             "prime_s": self.prime_s,
             "settle_s": self.settle_s,
+            "yakpanel_stream": self.stream,
+            "visibility_poll_ms": self.visibility_poll_ms,
             "rule": {"expr": EXPR, "for": "0s", "interval": self.eval_interval},
             "route": {
                 "group_by": ["alertname", "series"],
@@ -132,6 +136,21 @@ def parse_args(argv: list[str] | None) -> Params:
     p.add_argument("--max-wait-s", type=float, default=0.2, help="aggregator batch age limit")
     p.add_argument("--seed", type=int, default=6)
     p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument(
+        "--stream",
+        choices=("on", "inline", "thread", "off"),
+        default="on",
+        help="YakPanel's streaming evaluation (inline/thread: always on the event loop / the"
+        " stream's thread; off: rules read ClickHouse only)",
+    )
+    p.add_argument(
+        "--visibility-poll-ms",
+        type=float,
+        default=None,
+        help="how often the worker asks chDB whether the crossing sample is stored (the"
+        " ack_to_queryable breakdown); 0: never. Default: 100 with --stream off, else 0"
+        " (the probe competes with the services, and the stream does not wait for chDB)",
+    )
     a = p.parse_args(argv)
     systems = tuple(s for s in SYSTEMS if s in {x.strip() for x in a.systems.split(",")})
     if not systems:
@@ -152,6 +171,10 @@ def parse_args(argv: list[str] | None) -> Params:
         a.max_wait_s,
         a.seed,
         systems,
+        a.stream,
+        a.visibility_poll_ms
+        if a.visibility_poll_ms is not None
+        else (100.0 if a.stream == "off" else 0.0),
     )
 
 
@@ -407,6 +430,10 @@ class _WorkerProc(Proc):
             str(o.alert_params.max_wait_s),
             "--metric",
             PROM_METRIC,
+            "--stream",
+            o.alert_params.stream,
+            "--visibility-poll-ms",
+            str(o.alert_params.visibility_poll_ms),
         ]
         super().start(command, env, pipe)
 
@@ -478,12 +505,20 @@ def run_yakpanel(params: Params, root: Path, receiver: Receiver) -> dict[str, An
         "startup_s": round(startup_s, 1),
         "export_errors": errors,
         "visibility_polls": (system.final.get("visibility") or {}).get("visibility_polls"),
-        "pipeline": "OTLP/gRPC mTLS (enrolled agent) -> gateway -> Tansu yak.metrics.v1 -> "
-        "aggregator -> chDB -> alerting service (rules via the query layer, state in "
-        "PostgreSQL) -> dispatcher -> json:// webhook",
+        "pipeline": (
+            "OTLP/gRPC mTLS (enrolled agent) -> gateway -> Tansu yak.metrics.v1 -> "
+            "alerting service's stream reader -> hot window (rules evaluated on ingest via "
+            "the query layer, state in PostgreSQL) -> dispatcher -> json:// webhook; "
+            "aggregator -> chDB alongside (warm-up, ClickHouse fallback)"
+            if params.stream != "off"
+            else "OTLP/gRPC mTLS (enrolled agent) -> gateway -> Tansu yak.metrics.v1 -> "
+            "aggregator -> chDB -> alerting service (rules via the query layer, state in "
+            "PostgreSQL) -> dispatcher -> json:// webhook"
+        ),
         "t0": "gateway's Export reply",
         "settings": system.final.get("aggregator_config"),
         "alerting_stats": system.final.get("alerting_stats"),
+        "worker_stalls": system.final.get("stalls"),
         "aggregator_stats": system.final.get("aggregator_stats"),
     }
 

@@ -86,6 +86,7 @@ class Settings(BaseSettings):
     alerting_default_interval_s: float = Field(default=60.0, gt=0, le=86400)
     # Streaming evaluation (docs/alerting.md): rules also read yak.metrics.v1 and evaluate
     # on ingest from a per-tenant hot window of at most this many samples.
+    alerting_heartbeat_file: Path | None = None
     alerting_stream: bool = True
     alerting_stream_max_samples: int = Field(default=200_000, ge=1000, le=50_000_000)
     alerting_stream_max_window_s: int = Field(default=3600, ge=60, le=86400)

@@ -47,7 +47,7 @@ METRICS = TopicSpec(
     "OTLP ExportMetricsServiceRequest bytes; headers tenant_id, server_id, received_at,"
     " retention_days",
     ("gateway",),
-    ("aggregator",),
+    ("aggregator", "alerting"),
 )
 METRICS_DLQ = TopicSpec(
     "yak.metrics.dlq.v1",

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -316,3 +317,27 @@ async def test_removing_a_group_resolves_its_alerts(
         assert await service.store.notification_config(other) is None
     finally:
         await service.store.close()
+
+
+async def test_heartbeat_file_is_fresh_while_passes_reach_postgres(
+    pg_dsn: str, clickhouse_target: ClickHouseTarget, box: SecretBox, tmp_path: Path
+) -> None:
+    beat = tmp_path / "alerting.alive"
+    metrics = ClickHouseStore(clickhouse_target.client, clickhouse_target.database)
+    service = AlertingService(
+        pg_dsn,
+        metrics,
+        sealer=box,
+        config=AlertingConfig(tick_s=0.05, stop_grace_s=2.0, heartbeat_file=beat),
+    )
+    await service.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not beat.exists() and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        assert beat.exists(), "the service never touched its heartbeat file"
+        first = beat.stat().st_mtime
+        await asyncio.sleep(0.3)
+        assert beat.stat().st_mtime > first
+    finally:
+        await service.stop()

@@ -339,6 +339,17 @@ def test_api_command_names_a_known_service() -> None:
     )
 
 
+def test_every_yakpanel_service_runs_in_its_own_container() -> None:
+    served = {
+        spec["command"][1]
+        for spec in _services().values()
+        if isinstance(spec.get("command"), list) and spec["command"][:1] == ["serve"]
+    }
+    assert served == set(SERVICE_FACTORIES), (
+        f"compose runs `serve` for {sorted(served)}; the services are {sorted(SERVICE_FACTORIES)}"
+    )
+
+
 def test_migrate_is_a_cli_command() -> None:
     names = _cli_command_names()
     assert "migrate" in names, f"`yakpanel migrate` does not exist; commands: {sorted(names)}"
