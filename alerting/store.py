@@ -433,6 +433,14 @@ async def _incident(conn: Conn, tenant_id: str, t: Transition) -> None:
             ),
         )
         await _incident_event(conn, tenant_id, incident, "opened", f"{t.alertname} firing", t.at)
+        await _domain_event(
+            conn,
+            tenant_id,
+            incident,
+            "incident.opened",
+            {"fingerprint": t.fingerprint, "alertname": t.alertname, "labels": dict(t.labels)},
+            t.at,
+        )
     elif t.to_state is AlertState.RESOLVED:
         row = await _unresolved_incident(conn, tenant_id, t.fingerprint)
         if row is None:
@@ -444,6 +452,14 @@ async def _incident(conn: Conn, tenant_id: str, t: Transition) -> None:
             (t.at, ALERT_RESOLVED, tenant_id, row["id"]),
         )
         await _incident_event(conn, tenant_id, row["id"], "resolved", ALERT_RESOLVED, t.at)
+        await _domain_event(
+            conn,
+            tenant_id,
+            row["id"],
+            "incident.resolved",
+            {"fingerprint": t.fingerprint, "alertname": t.alertname, "resolution": ALERT_RESOLVED},
+            t.at,
+        )
 
 
 async def _unresolved_incident(conn: Conn, tenant_id: str, fp: str) -> dict[str, Any] | None:
@@ -463,6 +479,29 @@ async def _incident_event(
         """INSERT INTO incident_events (tenant_id, id, incident_id, kind, author, text, at)
            VALUES (%s, %s, %s, %s, NULL, %s, %s)""",
         (tenant_id, new_id(), incident, kind, text, at),
+    )
+
+
+async def _domain_event(
+    conn: Conn, tenant_id: str, incident: Any, event_type: str, data: dict[str, Any], at: datetime
+) -> None:
+    """An incident event for `yak.events.v1` through the outbox, in the envelope every
+    domain event has (docs/api.md "Audit log and events"); the actor is the system."""
+    event_id = new_id()
+    payload = {
+        "event_id": str(event_id),
+        "type": event_type,
+        "aggregate_type": "incident",
+        "aggregate_id": str(incident),
+        "tenant_id": tenant_id,
+        "occurred_at": at.isoformat(),
+        "actor": {"kind": "system", "id": None},
+        "data": data,
+    }
+    await conn.execute(
+        """INSERT INTO outbox (event_id, tenant_id, aggregate_type, aggregate_id, event_type,
+               payload, occurred_at) VALUES (%s, %s, 'incident', %s, %s, %s, %s)""",
+        (event_id, tenant_id, str(incident), event_type, json.dumps(payload, sort_keys=True), at),
     )
 
 

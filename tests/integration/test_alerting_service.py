@@ -243,7 +243,9 @@ async def test_restarts_neither_lose_nor_duplicate_notifications(
     async with await psycopg.AsyncConnection.connect(
         pg_dsn, autocommit=True, row_factory=dict_row
     ) as conn:
-        assert await relay.publish_batch(conn) == 3
+        # Three transitions (yak.alerts.v1) and the incident they opened and resolved
+        # (incident.opened, incident.resolved on yak.events.v1).
+        assert await relay.publish_batch(conn) == 5
     await relay._close_producer()
     consumer = AIOKafkaConsumer(
         ALERTS.full_name(topic_prefix),

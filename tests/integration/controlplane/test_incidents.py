@@ -147,7 +147,8 @@ async def test_incident_lifecycle(api: Api) -> None:
         " ORDER BY occurred_at, event_id",
         t.id,
     )
-    assert [e["event_type"] for e in events] == actions
+    # (Opened by the alert transition: the system's event comes first.)
+    assert [e["event_type"] for e in events] == ["incident.opened", *actions]
 
     r = await t.owner.get(url(t), params={"state": "open"})
     assert r.json()["items"] == []
@@ -184,6 +185,22 @@ async def test_resolved_alert_resolves_the_incident(api: Api) -> None:
         "alert_resolved",
         "resolved",
     ]
+    events = db_rows(
+        api,
+        "SELECT event_type, payload FROM outbox WHERE tenant_id = %s"
+        " AND aggregate_id = %s ORDER BY id",
+        t.id,
+        item["id"],
+    )
+    assert [e["event_type"] for e in events] == [
+        "incident.opened",
+        "incident.acknowledged",
+        "incident.resolved",
+    ]
+    resolved = events[-1]["payload"]
+    assert resolved["actor"]["kind"] == "system" and resolved["data"]["resolution"] == (
+        "alert resolved"
+    )
 
     # It fires again: a new incident; the list is newest first and pages.
     await record(
