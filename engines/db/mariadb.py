@@ -17,13 +17,13 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import pymysql
-from pydantic import BaseModel, ConfigDict, field_validator
 
 from engines.base import EngineError
 from engines.db.config import DbSettings
+from engines.db.payloads import Password, Payload, checked
 from yakpanel import identifiers
 
 log = logging.getLogger(__name__)
@@ -35,78 +35,33 @@ T = TypeVar("T")
 _RETRYABLE_SERVER_ERRORS = frozenset({1040, 1053, 1205, 1213, 1290})
 
 
-class DatabaseCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return identifiers.mariadb_database(v, field="name")
+DatabaseName = Annotated[str, checked(identifiers.mariadb_database, "name")]
+UserDatabase = Annotated[str, checked(identifiers.mariadb_database, "database")]
+UserName = Annotated[str, checked(identifiers.mariadb_user, "user")]
 
 
-class DatabaseDrop(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DatabaseCreate(Payload):
+    name: DatabaseName
 
-    name: str
+
+class DatabaseDrop(Payload):
+    name: DatabaseName
     confirm: str | None = None
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return identifiers.mariadb_database(v, field="name")
+
+class UserCreate(Payload):
+    user: UserName
+    password: Password
+    database: UserDatabase
 
 
-class UserCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    user: str
-    password: str
-    database: str
-
-    @field_validator("user")
-    @classmethod
-    def _user(cls, v: str) -> str:
-        return identifiers.mariadb_user(v, field="user")
-
-    @field_validator("password")
-    @classmethod
-    def _password(cls, v: str) -> str:
-        return identifiers.password(v, field="password")
-
-    @field_validator("database")
-    @classmethod
-    def _database(cls, v: str) -> str:
-        return identifiers.mariadb_database(v, field="database")
+class UserPassword(Payload):
+    user: UserName
+    password: Password
 
 
-class UserPassword(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    user: str
-    password: str
-
-    @field_validator("user")
-    @classmethod
-    def _user(cls, v: str) -> str:
-        return identifiers.mariadb_user(v, field="user")
-
-    @field_validator("password")
-    @classmethod
-    def _password(cls, v: str) -> str:
-        return identifiers.password(v, field="password")
-
-
-class UserDrop(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    user: str
-
-    @field_validator("user")
-    @classmethod
-    def _user(cls, v: str) -> str:
-        return identifiers.mariadb_user(v, field="user")
+class UserDrop(Payload):
+    user: UserName
 
 
 def grant_pattern(database: str) -> str:

@@ -26,16 +26,16 @@ import hashlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
 import redis.asyncio as aioredis
-from pydantic import BaseModel, ConfigDict, field_validator
 from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from engines.base import EngineError
 from engines.db.config import DbSettings
+from engines.db.payloads import Password, Payload, checked
 from yakpanel import identifiers
 
 log = logging.getLogger(__name__)
@@ -54,55 +54,23 @@ TENANT_COMMAND_RULES: tuple[str, ...] = (
 )
 
 
-class RedisUserCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    user: str
-    password: str
-    prefix: str
-
-    @field_validator("user")
-    @classmethod
-    def _user(cls, v: str) -> str:
-        return identifiers.redis_user(v, field="user")
-
-    @field_validator("password")
-    @classmethod
-    def _password(cls, v: str) -> str:
-        return identifiers.password(v, field="password")
-
-    @field_validator("prefix")
-    @classmethod
-    def _prefix(cls, v: str) -> str:
-        return identifiers.redis_key_prefix(v, field="prefix")
+RedisUserName = Annotated[str, checked(identifiers.redis_user, "user")]
+KeyPrefix = Annotated[str, checked(identifiers.redis_key_prefix, "prefix")]
 
 
-class RedisUserPassword(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    user: str
-    password: str
-
-    @field_validator("user")
-    @classmethod
-    def _user(cls, v: str) -> str:
-        return identifiers.redis_user(v, field="user")
-
-    @field_validator("password")
-    @classmethod
-    def _password(cls, v: str) -> str:
-        return identifiers.password(v, field="password")
+class RedisUserCreate(Payload):
+    user: RedisUserName
+    password: Password
+    prefix: KeyPrefix
 
 
-class RedisUserDrop(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class RedisUserPassword(Payload):
+    user: RedisUserName
+    password: Password
 
-    user: str
 
-    @field_validator("user")
-    @classmethod
-    def _user(cls, v: str) -> str:
-        return identifiers.redis_user(v, field="user")
+class RedisUserDrop(Payload):
+    user: RedisUserName
 
 
 def password_rule(password: str) -> str:
