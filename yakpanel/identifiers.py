@@ -25,6 +25,9 @@ __all__ = [
     "redis_user",
 ]
 
+_MARIADB_RULE = (
+    "must be 1-32 characters: a lowercase ASCII letter followed by lowercase letters, digits or '_'"
+)
 _MARIADB_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}", re.ASCII)
 _REDIS_USER = re.compile(r"[a-z][a-z0-9_-]{0,63}", re.ASCII)
 _REDIS_PREFIX = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}:", re.ASCII)
@@ -73,15 +76,22 @@ def _require_str(value: object, field: str) -> str:
     return value
 
 
+def _matching(value: object, field: str, grammar: re.Pattern[str], rule: str) -> str:
+    """The value when the whole of it matches `grammar`; otherwise the rule, not the value."""
+    text = _require_str(value, field)
+    if not grammar.fullmatch(text):
+        raise InvalidIdentifier(field, rule)
+    return text
+
+
 def mariadb_database(value: object, *, field: str = "database") -> str:
     """A MariaDB schema name a tenant may own."""
-    text = _require_str(value, field)
-    if not _MARIADB_NAME.fullmatch(text):
-        raise InvalidIdentifier(
-            field,
-            "must be 1-32 characters: a lowercase ASCII letter followed by lowercase "
-            "letters, digits or '_'",
-        )
+    text = _matching(
+        value,
+        field,
+        _MARIADB_NAME,
+        _MARIADB_RULE,
+    )
     if text in _MARIADB_RESERVED_DATABASES or text.startswith("test_"):
         raise InvalidIdentifier(field, "is a reserved system name; choose another name")
     return text
@@ -89,13 +99,12 @@ def mariadb_database(value: object, *, field: str = "database") -> str:
 
 def mariadb_user(value: object, *, field: str = "user") -> str:
     """A MariaDB account name (the part before `@host`)."""
-    text = _require_str(value, field)
-    if not _MARIADB_NAME.fullmatch(text):
-        raise InvalidIdentifier(
-            field,
-            "must be 1-32 characters: a lowercase ASCII letter followed by lowercase "
-            "letters, digits or '_'",
-        )
+    text = _matching(
+        value,
+        field,
+        _MARIADB_NAME,
+        _MARIADB_RULE,
+    )
     if text in _MARIADB_RESERVED_USERS:
         raise InvalidIdentifier(field, "is a reserved system account name; choose another name")
     return text
@@ -103,13 +112,13 @@ def mariadb_user(value: object, *, field: str = "user") -> str:
 
 def redis_user(value: object, *, field: str = "user") -> str:
     """A Redis ACL user name; `default` belongs to the server."""
-    text = _require_str(value, field)
-    if not _REDIS_USER.fullmatch(text):
-        raise InvalidIdentifier(
-            field,
-            "must be 1-64 characters: a lowercase ASCII letter followed by lowercase "
-            "letters, digits, '_' or '-'",
-        )
+    text = _matching(
+        value,
+        field,
+        _REDIS_USER,
+        "must be 1-64 characters: a lowercase ASCII letter followed by lowercase "
+        "letters, digits, '_' or '-'",
+    )
     if text in _REDIS_RESERVED_USERS:
         raise InvalidIdentifier(field, "'default' is the server's built-in user; choose another")
     return text
@@ -117,26 +126,26 @@ def redis_user(value: object, *, field: str = "user") -> str:
 
 def redis_key_prefix(value: object, *, field: str = "prefix") -> str:
     """A key prefix such as `shop42:`; the trailing colon keeps `a:` from matching `ab:`."""
-    text = _require_str(value, field)
-    if not _REDIS_PREFIX.fullmatch(text):
-        raise InvalidIdentifier(
-            field,
-            "must be 2-64 characters of lowercase ASCII letters, digits, '_', '.' or '-' "
-            "(starting with a letter or digit) and end with ':'; glob characters are not "
-            "allowed",
-        )
+    text = _matching(
+        value,
+        field,
+        _REDIS_PREFIX,
+        "must be 2-64 characters of lowercase ASCII letters, digits, '_', '.' or '-' "
+        "(starting with a letter or digit) and end with ':'; glob characters are not "
+        "allowed",
+    )
     return text
 
 
 def ftp_user(value: object, *, field: str = "username") -> str:
     """A pure-ftpd virtual user name."""
-    text = _require_str(value, field)
-    if not _FTP_USER.fullmatch(text):
-        raise InvalidIdentifier(
-            field,
-            "must be 3-32 characters: a lowercase ASCII letter followed by lowercase "
-            "letters, digits, '_', '.' or '-'",
-        )
+    text = _matching(
+        value,
+        field,
+        _FTP_USER,
+        "must be 3-32 characters: a lowercase ASCII letter followed by lowercase "
+        "letters, digits, '_', '.' or '-'",
+    )
     if ".." in text or text.endswith((".", "-")):
         raise InvalidIdentifier(field, "may not hold '..' or end with '.' or '-'")
     return text
@@ -144,12 +153,12 @@ def ftp_user(value: object, *, field: str = "username") -> str:
 
 def password(value: object, *, field: str = "password") -> str:
     """A user-supplied password: 12-128 printable ASCII characters, no whitespace."""
-    text = _require_str(value, field)
-    if not _PASSWORD.fullmatch(text):
-        raise InvalidIdentifier(
-            field,
-            "must be 12-128 printable ASCII characters without spaces or control characters",
-        )
+    text = _matching(
+        value,
+        field,
+        _PASSWORD,
+        "must be 12-128 printable ASCII characters without spaces or control characters",
+    )
     return text
 
 
